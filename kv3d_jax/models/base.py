@@ -1,0 +1,70 @@
+"""What kv3d_jax needs to know about a video model: a pure feature function and its layers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Params = Any  # Flax variables: {"params": {...}} plus e.g. {"batch_stats": {...}}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UnknownLayerError(ValueError):
+    """Raised when a layer name is not one of the model's tappable layers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoModel:
+    """A 3D CNN as the optimisers see it.
+
+    Attributes:
+      name: registry name, e.g. ``"c3d"``.
+      apply: ``apply(params, video, upto) -> activation``; ``video`` is
+        ``(N, T, H, W, 3)`` float32, already normalised the model's way, and the
+        result is the output of layer ``upto`` as a PyTorch forward hook on that
+        module would see it, channels-last ``(N, T', H', W', C)``. Nothing past
+        ``upto`` is computed.
+      layers: the tappable layer names, in forward order (PyTorch module path
+        with ``.`` replaced by ``_``).
+      input_shape: the model's native clip size ``(T, H, W)``.
+      mean, std: the model's native per-channel input normalisation (RGB).
+      linear_layers: layers whose activation is an affine function of the
+        model input (so a channel-mean objective has a flat-colour optimum).
+    """
+
+    name: str
+    apply: Callable[[Params, jax.Array, str], jax.Array]
+    layers: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    linear_layers: frozenset[str] = frozenset()
+
+    def check_layer(self, layer: str) -> str:
+        """Returns ``layer`` if the model has it, else raises naming the valid ones."""
+        if layer not in self.layers:
+            raise UnknownLayerError(
+                f"{self.name} has no layer {layer!r}; valid layers are: "
+                + ", ".join(self.layers)
+            )
+        return layer
+
+    def features(self, params: Params, video: jax.Array, upto: str) -> jax.Array:
+        """Activation of layer ``upto`` for ``video`` ``(N, T, H, W, 3)``: ``(N, T', H', W', C)``."""
+        return self.apply(params, video, self.check_layer(upto))
+
+    def output_shape(self, params: Params, layer: str, input_shape=None) -> tuple[int, ...]:
+        """Shape ``(T', H', W', C)`` of ``layer``'s activation for one clip, without computing it."""
+        t, h, w = input_shape or self.input_shape
+        video = jax.ShapeDtypeStruct((1, t, h, w, 3), jnp.float32)
+        out = jax.eval_shape(lambda p, v: self.features(p, v, layer), params, video)
+        return tuple(out.shape[1:])
+
+    def num_channels(self, params: Params, layer: str) -> int:
+        """Number of channels (kernels) of ``layer``."""
+        return self.output_shape(params, layer)[-1]

@@ -1,0 +1,53 @@
+"""C3D (Tran et al. 2015) as defined by ``c3d-pytorch``, channels-last, in Flax."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kv3d_jax.models.base import VideoModel
+
+CONV_LAYERS = ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
+CONV_CHANNELS = {"conv1": 64, "conv2": 128, "conv3a": 256, "conv3b": 256,
+                 "conv4a": 512, "conv4b": 512, "conv5a": 512, "conv5b": 512}
+# pool applied after each of these convs (after the ReLU), as (window == stride).
+_POOL_AFTER = {"conv1": (1, 2, 2), "conv2": (2, 2, 2), "conv3b": (2, 2, 2), "conv4b": (2, 2, 2)}
+
+
+class C3D(nn.Module):
+    """C3D's convolutional trunk.
+
+    ``__call__(x, upto)`` takes ``x`` ``(N, 16, 112, 112, 3)`` (any T, H, W works)
+    and returns the output of conv layer ``upto`` *before* its ReLU, which is what a
+    forward hook on ``c3d-pytorch``'s ``convN`` module sees.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, upto: str) -> jax.Array:
+        for name in CONV_LAYERS:
+            x = nn.Conv(CONV_CHANNELS[name], (3, 3, 3), padding=((1, 1),) * 3, name=name)(x)
+            if name == upto:
+                return x
+            x = nn.relu(x)
+            if name in _POOL_AFTER:
+                window = _POOL_AFTER[name]
+                x = nn.max_pool(x, window, strides=window)
+        raise ValueError(f"C3D has no conv layer {upto!r}; valid layers are: {', '.join(CONV_LAYERS)}")
+
+
+def model() -> VideoModel:
+    """C3D trained on Sports-1M (``c3d-pytorch``): 16x112x112 clips, inputs in [0, 1] normalised with ImageNet statistics."""
+    module = C3D()
+    return VideoModel(
+        name="c3d",
+        apply=lambda params, video, upto: module.apply(params, video, upto),
+        layers=CONV_LAYERS,
+        input_shape=(16, 112, 112),
+        linear_layers=frozenset({"conv1"}),
+    )
+
+
+def init_params(key: jax.Array) -> dict:
+    """Random C3D conv params (Flax default init), for tests and benchmarks."""
+    return C3D().init(key, jnp.zeros((1, 16, 112, 112, 3)), CONV_LAYERS[-1])

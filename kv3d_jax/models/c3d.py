@@ -37,13 +37,19 @@ class C3D(nn.Module):
 
 
 def model() -> VideoModel:
-    """C3D trained on Sports-1M (``c3d-pytorch``): 16x112x112 clips, inputs in [0, 1] normalised with ImageNet statistics."""
+    """C3D trained on Sports-1M (``c3d-pytorch``): 16x112x112 RGB clips.
+
+    Its native input is raw 0–255 pixel values (``c3d-pytorch``'s ``predict.py`` feeds them
+    unnormalised), expressed here as mean 0 and std 1/255 on [0, 1] videos.
+    """
     module = C3D()
     return VideoModel(
         name="c3d",
         apply=lambda params, video, upto: module.apply(params, video, upto),
         layers=CONV_LAYERS,
         input_shape=(16, 112, 112),
+        mean=(0.0, 0.0, 0.0),
+        std=(1 / 255, 1 / 255, 1 / 255),
         linear_layers=frozenset({"conv1"}),
     )
 

@@ -1,0 +1,42 @@
+"""Fixtures shared by several test modules; each expensive object is built once per session."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+import torch_models
+from kv3d_jax import cli
+
+
+@pytest.fixture(scope="session")
+def torch_c3d() -> torch_models.C3D:
+    """c3d-pytorch's C3D with PyTorch's default random init (non-zero biases), in eval mode."""
+    torch.manual_seed(0)
+    return torch_models.C3D().eval()
+
+
+@pytest.fixture(scope="session")
+def c3d_checkpoints(torch_c3d, tmp_path_factory) -> dict:
+    """``torch_c3d``'s state dict saved by torch.save as ``{"torch-zip": path, "torch-legacy": path}``."""
+    folder = tmp_path_factory.mktemp("c3d_checkpoints")
+    paths = {"torch-zip": folder / "c3d.pt", "torch-legacy": folder / "c3d.pickle"}
+    torch.save(torch_c3d.state_dict(), paths["torch-zip"])
+    torch.save(torch_c3d.state_dict(), paths["torch-legacy"], _use_new_zipfile_serialization=False)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def c3d_params_files(c3d_checkpoints, tmp_path_factory) -> dict:
+    """Each of ``c3d_checkpoints`` through ``kv3d convert c3d``: ``{format: (params path, stdout)}``."""
+    folder = tmp_path_factory.mktemp("c3d_params")
+    converted = {}
+    for fmt, checkpoint in c3d_checkpoints.items():
+        path, stdout = folder / f"{fmt}.msgpack", io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            assert cli.main(["convert", "c3d", str(checkpoint), "-o", str(path)]) == 0
+        converted[fmt] = (path, stdout.getvalue())
+    return converted

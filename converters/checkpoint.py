@@ -132,6 +132,20 @@ class _Namespace(dict):
         self.update(state)
 
 
+class _ClassReference(str):
+    """A class a checkpoint names but must never call: read as its qualified name.
+
+    Lightning keys its callbacks' states by the callback class (``{ModelCheckpoint: {...}}``),
+    so a VideoGPT ``.ckpt`` refers to such classes without instantiating them.
+    """
+
+    def __call__(self, *args, **kwargs):
+        raise UnsafeCheckpointError(f"the checkpoint tries to instantiate {self}; kv3d never executes code from checkpoints")
+
+
+_REFERENCED_CLASS_PREFIXES = ("pytorch_lightning.callbacks.", "lightning.pytorch.callbacks.")
+
+
 def _latin1_bytes(text: str, encoding: str) -> bytes:
     """``_codecs.encode`` as Python 3 pickles bytes at protocol < 3; other codecs are refused."""
     if encoding != "latin1":
@@ -180,6 +194,8 @@ class _Unpickler(pickle.Unpickler):
         qualified = f"{module}.{name}"
         if qualified in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[qualified]
+        if module.startswith(_REFERENCED_CLASS_PREFIXES):
+            return _ClassReference(qualified)
         if module in ("torch", "torch.cuda") and name.endswith("Storage"):
             raise CheckpointError(
                 f"{self._path} holds tensors of type {qualified}, which kv3d cannot read; "

@@ -116,6 +116,35 @@ def test_lightning_style_checkpoint_matches_torch_load(tmp_path, fmt):
     assert ours["state_dict"]["1.num_batches_tracked"].dtype == np.int64
 
 
+@pytest.fixture
+def lightning_callback_class(monkeypatch):
+    """A stand-in for Lightning's ModelCheckpoint, importable under Lightning's module path."""
+    import types
+
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    module = types.ModuleType(name)
+    cls = type("ModelCheckpoint", (), {"__module__": name})
+    module.ModelCheckpoint = cls
+    for part in ("pytorch_lightning", "pytorch_lightning.callbacks", name):
+        monkeypatch.setitem(sys.modules, part, sys.modules.get(part, types.ModuleType(part)))
+    monkeypatch.setitem(sys.modules, name, module)
+    return cls
+
+
+def test_lightning_callback_classes_are_read_as_names_never_called(tmp_path, lightning_callback_class):
+    checkpoint = {"state_dict": {"w": torch.ones(2)}, "callbacks": {lightning_callback_class: {"best": 1.0}}}
+    ours = read_checkpoint(_save(checkpoint, tmp_path / "vqvae.ckpt", "torch-zip"))
+    assert ours["callbacks"] == {"pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint": {"best": 1.0}}
+
+    class Instantiates:
+        def __reduce__(self):
+            return (lightning_callback_class, ())
+
+    path = _save({"callback": Instantiates()}, tmp_path / "calls.ckpt", "torch-zip")
+    with pytest.raises(UnsafeCheckpointError, match="tries to instantiate .*ModelCheckpoint"):
+        read_checkpoint(path)
+
+
 def _py2_str(data: bytes) -> bytes:
     """A Python 2 ``str`` as cPickle writes it: SHORT_BINSTRING or BINSTRING."""
     if len(data) < 256:

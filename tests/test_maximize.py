@@ -1,0 +1,174 @@
+"""Stage 1 end to end: independence of kernels, that it works on C3D, errors, and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import imageio.v3 as iio
+import jax
+import numpy as np
+import pytest
+
+from kv3d_jax import models, parameterizations, transforms
+from kv3d_jax.cli import main
+from kv3d_jax.maximize import PRESETS, maximize, minmax_normalize, parse_channels
+from kv3d_jax.models import c3d
+
+C3D = models.get("c3d")
+SMALL = (8, 16, 16)  # the smallest clip that still reaches conv5b (1×1×1 there)
+# The native jitter (up to 7 px, 3 frames) is sized for 16×112×112 clips; scaled to SMALL.
+SMALL_PRESET = dataclasses.replace(PRESETS["native"], shape=SMALL, max_shift=(2, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def c3d_params():
+    # Under jit, XLA drops the forward pass that init runs only to fix shapes.
+    return jax.jit(c3d.init_params)(jax.random.PRNGKey(0))
+
+
+def test_kernels_are_independent_of_their_batch(c3d_params):
+    run = lambda channels, **kw: maximize(C3D, c3d_params, "conv2", channels, SMALL_PRESET, steps=6, chunk=3, **kw)
+    together = run([3, 7])
+    alone = [run([c]) for c in (3, 7)]
+    one_by_one = run([3, 7], batch_size=1)
+    for other in (np.concatenate([r.videos for r in alone]), one_by_one.videos):
+        np.testing.assert_allclose(together.videos, other, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(together.objective, np.concatenate([r.objective for r in alone]), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(together.channels, [3, 7])
+
+
+def test_chunking_does_not_change_the_result(c3d_params):
+    run = lambda chunk: maximize(C3D, c3d_params, "conv2", [5], SMALL_PRESET, steps=6, chunk=chunk)
+    np.testing.assert_allclose(run(6).videos, run(2).videos, atol=1e-5, rtol=0)
+
+
+def test_weighted_objective_with_one_hot_weights_is_the_channel_objective(c3d_params):
+    kw = dict(preset=SMALL_PRESET, steps=3)
+    by_channel = maximize(C3D, c3d_params, "conv2", [0, 1], **kw)
+    by_weights = maximize(C3D, c3d_params, "conv2", objective="weighted", weights=np.eye(128)[:2], **kw)
+    np.testing.assert_allclose(by_channel.videos, by_weights.videos, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(by_channel.objective, by_weights.objective, rtol=1e-5)
+
+
+def layer_responses(params, layer, videos) -> np.ndarray:
+    """``(N, C)``: mean activation of each channel of ``layer`` for ``videos`` ``(N, T, H, W, 3)``."""
+    x = transforms.normalize(videos, C3D.mean, C3D.std)
+    return np.asarray(C3D.features(params, x, layer).mean(axis=(1, 2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:the channel objective on c3d conv1 is linear")
+@pytest.mark.parametrize("layer", C3D.layers)
+def test_optimised_videos_excite_their_own_channel(c3d_params, layer):
+    channels = [0, 1]
+    result = maximize(C3D, c3d_params, layer, channels, SMALL_PRESET, steps=20)
+    # Random videos: the starting distribution, min–max normalised like the results.
+    init = parameterizations.get("pixel").init
+    keys = jax.random.split(jax.random.PRNGKey(1), 8)
+    random = minmax_normalize(jax.vmap(lambda k: parameterizations.pixel_to_video(init(k, SMALL)))(keys))
+    noise = layer_responses(c3d_params, layer, random)[:, channels]
+    act = layer_responses(c3d_params, layer, result.videos)[:, channels]  # [video, channel]
+    # Pre-activations have channel-specific offsets, so a channel is measured against its
+    # own response to random videos (in their standard deviations) and to the other
+    # kernels' optimised videos, never against another channel's activation.
+    z = (np.diag(act) - noise.mean(0)) / noise.std(0)
+    for i in range(len(channels)):
+        others = [j for j in range(len(channels)) if j != i]
+        assert z[i] > 5, f"{layer}:{channels[i]} only {z[i]:.1f} sd above random videos"
+        assert act[i, i] > act[others, i].max(), f"{layer}: another video excites channel {i} more"
+
+
+def test_linear_objective_warns_and_says_so(c3d_params):
+    with pytest.warns(UserWarning, match="linear in the input.*flat colour"):
+        result = maximize(C3D, c3d_params, "conv1", [0], SMALL_PRESET, steps=1)
+    assert result.linear
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not maximize(C3D, c3d_params, "conv1", [0], SMALL_PRESET, steps=1, rectify=True).linear
+        # A single neuron is linear too, but its optimum is the kernel's own pattern: no warning.
+        assert maximize(C3D, c3d_params, "conv1", [0], SMALL_PRESET, steps=1, objective="neuron").linear
+
+
+def test_result_videos_are_minmax_normalised(c3d_params):
+    result = maximize(C3D, c3d_params, "conv1", [2, 9], SMALL_PRESET, steps=2, rectify=True)
+    videos = np.asarray(result.videos)
+    assert videos.shape == (2, *SMALL, 3) and result.objective.shape == (2,)
+    np.testing.assert_allclose(videos.min(axis=(1, 2, 3, 4)), 0, atol=1e-6)
+    np.testing.assert_allclose(videos.max(axis=(1, 2, 3, 4)), 1, atol=1e-6)
+
+
+def test_fourier_parameterization_optimises(c3d_params):
+    result = maximize(C3D, c3d_params, "conv2", [4], SMALL_PRESET, steps=10, parameterization="fourier")
+    start = maximize(C3D, c3d_params, "conv2", [4], SMALL_PRESET, steps=1, parameterization="fourier")
+    assert result.objective[0] > start.objective[0]
+    with pytest.raises(ValueError, match="even width"):
+        parameterizations.fourier_init(jax.random.PRNGKey(0), (4, 6, 7))
+
+
+def test_random_jitter_draws_every_allowed_value():
+    draws = jax.vmap(transforms.random_jitter)(jax.random.split(jax.random.PRNGKey(0), 2000))
+    assert set(np.asarray(draws.dx).tolist()) == set(range(8))
+    assert set(np.asarray(draws.dy).tolist()) == set(range(8))
+    assert set(np.asarray(draws.dt).tolist()) == set(range(4))
+    np.testing.assert_allclose(np.unique(np.asarray(draws.scale)), np.linspace(0.9, 1.1, 11), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layer="conv9"), "valid layers are: conv1, conv2"),
+    (dict(preset="fast"), "valid presets are: paper, native"),
+    (dict(objective="max"), "valid objectives are: channel, neuron, weighted"),
+    (dict(parameterization="cppn"), "valid parameterizations are: pixel, fourier"),
+    (dict(channels=[3, 64]), "conv1 has channels 0..63; got \\[64\\]"),
+    (dict(steps=0), "steps must be at least 1"),
+    (dict(batch_size=0), "batch_size must be at least 1"),
+    (dict(layer="conv5b", preset=SMALL_PRESET, shape=(4, 16, 16)), "too small to reach conv5b"),
+    (dict(objective="weighted"), "needs weights"),
+    (dict(objective="weighted", weights=np.ones((2, 5))), "weights must have shape \\(K, 64\\)"),
+])
+def test_bad_arguments_are_named(c3d_params, kwargs, message):
+    args = dict(layer="conv1", channels=None if kwargs.get("objective") == "weighted" else [0])
+    with pytest.raises(ValueError, match=message):
+        maximize(C3D, c3d_params, **{**args, **kwargs})
+
+
+@pytest.mark.parametrize("spec, channels", [
+    ("all", list(range(6))), ("0-3", [0, 1, 2, 3]), ("3,7,9", [3, 7, 9]), ("0-1, 4", [0, 1, 4]),
+])
+def test_parse_channels(spec, channels):
+    assert parse_channels(spec, 6) == channels
+
+
+@pytest.mark.parametrize("spec, message", [("3-1", "is empty"), ("a-b", "cannot read channels"), ("", "cannot")])
+def test_parse_channels_rejects_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_channels(spec, 6)
+
+
+def test_cli_writes_a_gif_per_kernel_and_an_npz(c3d_params_files, tmp_path, capsys):
+    params_file = c3d_params_files["torch-zip"][0]
+    argv = ["maximize", "--model", "c3d", "--weights", str(params_file), "--layer", "conv1",
+            "--channels", "3,7", "--out", str(tmp_path), "--preset", "native", "--steps", "2", "--rectify"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "steps/s" in captured.err and "objective=" in captured.err
+    for channel in (3, 7):
+        gif = iio.imread(tmp_path / f"c3d_conv1_{channel}_stage1.gif", index=None)
+        assert gif.shape[:3] == (16, 112, 112)
+    saved = np.load(tmp_path / "c3d_conv1_stage1.npz")
+    assert saved["videos"].shape == (2, 16, 112, 112, 3)
+    np.testing.assert_array_equal(saved["channels"], [3, 7])
+    assert saved["objective"].shape == (2,) and str(saved["layer"]) == "conv1" and str(saved["model"]) == "c3d"
+    assert "c3d_conv1_stage1.npz" in captured.out
+
+
+def test_cli_without_weights_says_how_to_make_them(tmp_path, capsys):
+    assert main(["maximize", "--layer", "conv1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--weights" in err and "kv3d convert c3d CHECKPOINT -o PARAMS" in err
+
+
+def test_cli_rejects_bad_channels(c3d_params_files, tmp_path, capsys):
+    params_file = str(c3d_params_files["torch-zip"][0])
+    assert main(["maximize", "--weights", params_file, "--layer", "conv1", "--channels", "60-70",
+                 "--out", str(tmp_path)]) == 2
+    assert "conv1 has channels 0..63; got [64, 65, 66, 67, 68, 69, 70]" in capsys.readouterr().err

@@ -12,6 +12,8 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
+from kv3d_jax import motion, render
+
 
 def to_uint8(x) -> np.ndarray:
     """``x`` in [0, 1] (clipped) as uint8 in [0, 255]."""
@@ -40,7 +42,54 @@ def save_gif(path, video, fps: float = 8.0) -> Path:
     )
 
 
+def save_npz(path, **arrays) -> Path:
+    """Writes ``arrays`` (numpy-convertible, no objects) to an uncompressed ``.npz`` at ``path``."""
+    data = {name: np.asarray(value) for name, value in arrays.items()}
+    return _atomic_write(Path(path), lambda p: np.savez(p, **data))
+
+
 def save_png(path, image) -> Path:
     """Writes ``image`` ``(H, W, 3)`` in [0, 1] as a PNG."""
     pixels = to_uint8(image)
     return _atomic_write(Path(path), lambda p: iio.imwrite(p, pixels, extension=".png"))
+
+
+DECOMPOSITION_FILES = ("stage1", "static", "deform", "motion", "recon", "panel")
+
+
+def save_decomposition(out_dir, stem: str, video, static, displacement, reconstruction, valid=None,
+                       fps: float = 8.0) -> dict[str, Path]:
+    """Writes one kernel's stage-2 pictures (SPEC §4) as ``out_dir/{stem}_{kind}.{gif,png}``.
+
+    Inputs: ``video`` and ``reconstruction`` ``(T, H, W, 3)`` in [0, 1], ``static``
+    ``(H, W, 3)``, ``displacement`` ``(T, H, W, 2)`` px, ``valid`` optional boolean
+    ``(T-1, H, W)`` (pixels the motion read-out uses; others are drawn grey). Files
+    (:data:`DECOMPOSITION_FILES`), with ``L = min(H, W) // 2`` (at least 8, at most H):
+
+    * ``_stage1.gif``: the video, T frames of H×W;
+    * ``_static.png``: the static texture, H×W;
+    * ``_deform.gif``: the static, then the T-1 colour-coded motion frames: T frames of H×W;
+    * ``_motion.gif``: the T-1 motion frames with a colour-wheel legend: H×(W+L);
+    * ``_recon.gif``: the reconstruction, T frames of H×W;
+    * ``_panel.gif``: video | static | motion | reconstruction | legend, 2 px white gaps:
+      T frames of H×(4W+6+L).
+
+    Motion is shown smoothed over 1 px (:func:`kv3d_jax.render.smooth_velocity`), all frames
+    on one brightness scale (:func:`kv3d_jax.render.default_max_speed`).
+    The GIF encoder merges identical consecutive frames into one shown for their summed
+    time, so a GIF can hold fewer frames than listed (e.g. the motion of a rigid translation).
+    Returns ``{kind: path}``.
+    """
+    velocity = render.smooth_velocity(motion.velocity(np.asarray(displacement, np.float32)), 1.0, valid)
+    max_speed = render.default_max_speed(velocity, valid)
+    colours = render.motion_colours(velocity, max_speed, valid)
+    out = Path(out_dir)
+    return {
+        "stage1": save_gif(out / f"{stem}_stage1.gif", video, fps),
+        "static": save_png(out / f"{stem}_static.png", static),
+        "deform": save_gif(out / f"{stem}_deform.gif", render.deform_frames(static, velocity, max_speed, valid), fps),
+        "motion": save_gif(out / f"{stem}_motion.gif", render.with_legend(colours), fps),
+        "recon": save_gif(out / f"{stem}_recon.gif", reconstruction, fps),
+        "panel": save_gif(out / f"{stem}_panel.gif",
+                          render.panel(video, static, velocity, reconstruction, max_speed, valid), fps),
+    }

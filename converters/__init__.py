@@ -6,11 +6,14 @@ Each converter module exposes ``CHECKPOINT`` (what file it reads) and
 
 from __future__ import annotations
 
-from converters import c3d
+from converters import c3d, i3d, motionnet, torchvision_video, vqvae
 from converters.checkpoint import CheckpointError, checkpoint_format, read_checkpoint
 from converters.common import CheckpointMismatchError
 
-_CONVERTERS = {"c3d": c3d}
+_CONVERTERS = {
+    "c3d": c3d, "i3d_r50": i3d, "motionnet": motionnet, **torchvision_video.CONVERTERS,
+    "videogpt_vqvae": vqvae,
+}
 
 
 def names() -> tuple[str, ...]:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from kv3d_jax.models.base import UnknownLayerError, VideoModel
-from kv3d_jax.models import c3d
+from kv3d_jax.models import c3d, i3d, motionnet, torchvision_video, vqvae
 
 _REGISTRY: dict[str, Callable[[], VideoModel]] = {
     "c3d": c3d.model,
+    "i3d_r50": i3d.model,
+    "motionnet": motionnet.model,
+    **{name: functools.partial(torchvision_video.model, name) for name in torchvision_video.NAMES},
+    "videogpt_vqvae": vqvae.model,
 }
 
 

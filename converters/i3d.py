@@ -1,0 +1,86 @@
+"""I3D-R50 8x8: PySlowFast's Caffe2 ``I3D_8x8_R50.pkl`` or a ``.pyth`` to :mod:`kv3d_jax.models.i3d` params.
+
+Two files carry these weights:
+
+- the Caffe2 pickle ``{'blobs': {name: ndarray}}`` of PySlowFast's model zoo, with names
+  like ``conv1_w``, ``res_conv1_bn_s``, ``res2_0_branch2a_w``, ``res2_0_branch1_bn_riv``,
+  ``pred_w``. They are renamed to PyTorch names with the regular expressions of
+  PySlowFast's ``slowfast/utils/c2_model_loading.py`` (the subset that applies to a
+  single-pathway ResNet without non-local blocks), applied in order. Caffe2's training
+  state — ``model_iter``, ``lr`` and a ``<blob>_momentum`` per trained blob — is dropped,
+  as PySlowFast's loader does;
+- a PySlowFast / PyTorchVideo ``torch.save`` checkpoint with the state dict under
+  ``model_state`` (``s1.pathway0_stem.conv.weight`` ...).
+
+Either way the tensors must be exactly those of the I3D_8x8_R50 config, including the
+400-class ``head.projection`` (checked, then dropped).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from converters.common import CheckpointMismatchError
+from converters.torch_layout import convert_state, template_of
+from kv3d_jax.models import i3d
+
+CHECKPOINT = ("PySlowFast I3D_8x8_R50: Caffe2 pickle {'blobs': ...} (I3D_8x8_R50.pkl) "
+              "or torch.save checkpoint with 'model_state' (.pyth)")
+
+HEAD_SHAPES = {"head.projection.weight": (400, 2048), "head.projection.bias": (400,)}
+
+# From PySlowFast c2_model_loading.get_name_convert_func(), in its order; the non-local,
+# fast-pathway ("t_") and fusion rules match no blob of a single-pathway I3D and are left out.
+_CAFFE2_TO_PYTORCH = tuple((re.compile(a), b) for a, b in (
+    (r"^res([0-9]+)_([0-9]+)_branch([0-9]+)([a-z])_(.*)", r"s\1.pathway0_res\2.branch\3.\4_\5"),
+    (r"^res_conv1_bn_(.*)", r"s1.pathway0_stem.bn.\1"),
+    (r"^conv1_(.*)", r"s1.pathway0_stem.conv.\1"),
+    (r"^res([0-9]+)_([0-9]+)_branch([0-9]+)_(.*)", r"s\1.pathway0_res\2.branch\3_\4"),
+    (r"^res_conv1_(.*)", r"s1.pathway0_stem.conv.\1"),
+    (r"pred_(.*)", r"head.projection.\1"),
+    (r"(.*)bn.b\Z", r"\1bn.bias"),
+    (r"(.*)bn.s\Z", r"\1bn.weight"),
+    (r"(.*)bn.rm\Z", r"\1bn.running_mean"),
+    (r"(.*)bn.riv\Z", r"\1bn.running_var"),
+    (r"(.*)[\._]b\Z", r"\1.bias"),
+    (r"(.*)[\._]w\Z", r"\1.weight"),
+))
+# Caffe2 training state in the pickle: not weights.
+_CAFFE2_TRAINING_BLOBS = ("model_iter", "lr")
+
+
+def caffe2_name_to_pytorch(name: str) -> str:
+    """PySlowFast's renaming of a Caffe2 blob: ``res2_0_branch2a_bn_s`` -> ``s2.pathway0_res0.branch2.a_bn.weight``."""
+    for pattern, replacement in _CAFFE2_TO_PYTORCH:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+def caffe2_state_dict(blobs: dict) -> dict:
+    """The PyTorch-named state dict in a Caffe2 ``blobs`` dict, without Caffe2's training state."""
+    weights = {k: v for k, v in blobs.items()
+               if k not in _CAFFE2_TRAINING_BLOBS
+               and not (k.endswith("_momentum") and k[: -len("_momentum")] in blobs)}
+    state = {caffe2_name_to_pytorch(k): v for k, v in weights.items()}
+    if len(state) != len(weights):
+        raise CheckpointMismatchError("two Caffe2 blobs map to the same PyTorch name; not an I3D checkpoint")
+    return state
+
+
+def torch_path(name: str) -> str:
+    """Flax module name -> PySlowFast module path (``s2_pathway0_res0_branch2_a_bn`` -> ``s2.pathway0_res0.branch2.a_bn``)."""
+    m = re.fullmatch(r"(s\d)_(pathway0_stem|pathway0_res\d+)(?:_(.+))?", name)
+    if m is None:
+        raise AssertionError(f"{name!r} is not an I3D module name")
+    stage, unit, rest = m.groups()
+    if rest is None:
+        return f"{stage}.{unit}"
+    return ".".join((stage, unit, re.sub(r"^branch2_([a-c])", r"branch2.\1", rest)))
+
+
+def convert(checkpoint: Any) -> dict:
+    """Flax variables of :class:`kv3d_jax.models.i3d.I3D` from a Caffe2 or PySlowFast checkpoint."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("blobs"), dict):
+        checkpoint = caffe2_state_dict(checkpoint["blobs"])
+    return convert_state(checkpoint, template_of(i3d.init_params), torch_path, "i3d_r50", HEAD_SHAPES)

@@ -1,0 +1,178 @@
+"""Layer-by-layer parity of the zoo models with their PyTorch definitions, through the real file formats.
+
+Each PyTorch model (torchvision's own definitions; PySlowFast's I3D and VideoGPT's VQ-VAE
+as written in ``zoo_torch_models``) gets random weights and random BN statistics, is
+saved the way its weights are published, loaded with ``zoo.load`` (so converted) and run
+on the same clip. Every tapped layer must agree to 1e-4 relative error
+(max abs difference / max |activation|), float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import zoo_torch_models
+from converters import i3d as i3d_converter
+from converters import torchvision_video as tv_converter
+from converters import vqvae as vqvae_converter
+from kv3d_jax import models, params_io, zoo
+from kv3d_jax.maximize import maximize
+from kv3d_jax.models.layers import run_until
+from torch_models import capture
+
+TOLERANCE = 1e-4
+
+
+class Case(NamedTuple):
+    build: Callable[[], nn.Module]  # the PyTorch model
+    file: str  # how its weights are published: "pth", "pyth" or "ckpt"
+    torch_path: Callable[[str], str]  # Flax module name -> PyTorch module path
+    clip: tuple[int, int, int]  # (T, H, W) of the parity clip
+    stage1: tuple[str, tuple[int, int, int]]  # layer and clip of the stage-1 run
+    not_trunk: tuple[str, ...]  # PyTorch modules outside the trunk
+
+
+CASES = {
+    "i3d_r50": Case(zoo_torch_models.SlowFastResNet, "pyth", i3d_converter.torch_path,
+                    (8, 64, 64), ("s3_pathway0_res0_branch2_c", (8, 32, 32)), ("head",)),
+    "r3d_18": Case(torchvision.models.video.r3d_18, "pth", tv_converter.torch_path,
+                   (16, 32, 32), ("layer2_0_conv2_0", (8, 32, 32)), ("fc",)),
+    "mc3_18": Case(torchvision.models.video.mc3_18, "pth", tv_converter.torch_path,
+                   (16, 32, 32), ("layer2_0_conv2_0", (8, 32, 32)), ("fc",)),
+    "r2plus1d_18": Case(torchvision.models.video.r2plus1d_18, "pth", tv_converter.torch_path,
+                        (16, 32, 32), ("layer2_0_conv2_0_3", (8, 32, 32)), ("fc",)),
+    "s3d": Case(torchvision.models.video.s3d, "pth", tv_converter.torch_path,
+                (16, 64, 64), ("features_5_branch1_1_1_0", (8, 32, 32)), ("classifier",)),
+    "videogpt_vqvae": Case(zoo_torch_models.VQVAE, "ckpt", vqvae_converter.torch_path,
+                           (16, 32, 32), ("encoder_res_stack_0_block_5_conv", (8, 16, 16)),
+                           ("decoder", "pre_vq_conv", "post_vq_conv")),
+}
+
+
+def _save(torch_model: nn.Module, fmt: str, path) -> None:
+    """Saves ``torch_model`` the way its published weights are stored."""
+    state = torch_model.state_dict()
+    if fmt == "pth":  # torchvision: torch.save of the state dict
+        torch.save(state, path)
+    elif fmt == "pyth":  # PySlowFast's checkpoint.save_checkpoint
+        torch.save({"epoch": 196, "model_state": state, "optimizer_state": {}, "cfg": "MODEL:\n  ARCH: i3d\n"}, path)
+    else:  # PyTorch Lightning 1.3's dump_checkpoint of VideoGPT's VQVAE (callback states left out)
+        adam = {"state": {0: {"step": 1000, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
+                "param_groups": [{"lr": 7e-4, "betas": (0.9, 0.999), "params": [0]}]}
+        args = argparse.Namespace(embedding_dim=256, n_codes=2048, n_hiddens=240, n_res_layers=4,
+                                  downsample=(4, 4, 4), sequence_length=16, resolution=128)
+        torch.save({"epoch": 10, "global_step": 1000, "pytorch-lightning_version": "1.3.3",
+                    "optimizer_states": [adam], "lr_schedulers": [], "state_dict": state,
+                    "hparams_name": "args", "hyper_parameters": {"args": args}}, path)
+
+
+def relative_error(ours: jax.Array, theirs: torch.Tensor) -> float:
+    """max |ours - theirs| / max |theirs|, ``ours`` NTHWC against ``theirs`` NCTHW."""
+    theirs = theirs.numpy().transpose(0, 2, 3, 4, 1)
+    assert ours.shape == theirs.shape
+    return float(np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max())
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    """One zoo model: its PyTorch twin, the converted params and both sides' activations."""
+    name = request.param
+    spec = CASES[name]
+    torch.manual_seed(0)
+    torch_model = spec.build().eval()
+    zoo_torch_models.randomize_batch_norms(torch_model, torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp(name) / f"weights.{spec.file}"
+    _save(torch_model, spec.file, path)
+    model, params = zoo.load(name, path)
+    video = np.random.default_rng(0).normal(size=(1, *spec.clip, 3)).astype(np.float32)
+    ours = jax.jit(lambda p, v: model.apply(p, v, model.layers))(params, video)
+    # S3D's classifier pools 2x7x7, more than a small clip has: run its trunk alone, with the same module paths.
+    trunk = nn.Sequential(OrderedDict(features=torch_model.features)) if name == "s3d" else torch_model
+    theirs = capture(trunk, torch.from_numpy(video.transpose(0, 4, 1, 2, 3)),
+                     [spec.torch_path(layer) for layer in model.layers])
+    return dict(name=name, torch_model=torch_model, model=model, params=params, video=video,
+                ours=ours, theirs=theirs, torch_path=spec.torch_path)
+
+
+def test_every_layer_matches_pytorch(case):
+    errors = {layer: relative_error(case["ours"][layer], case["theirs"][case["torch_path"](layer)])
+              for layer in case["model"].layers}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE, f"{case['name']} {worst}: relative error {errors[worst]:.2e}"
+
+
+def test_every_conv_is_a_layer(case):
+    not_trunk = CASES[case["name"]].not_trunk
+    convs = {name.replace(".", "_") for name, m in case["torch_model"].named_modules()
+             if isinstance(m, nn.Conv3d) and not name.startswith(not_trunk)}
+    assert convs <= set(case["model"].layers)
+
+
+def test_stage1_steps_run_on_converted_params(case):
+    layer, shape = CASES[case["name"]].stage1
+    result = maximize(case["model"], case["params"], layer, channels=[0, 1], preset="native",
+                      steps=2, chunk=2, shape=shape, key=jax.random.PRNGKey(1))
+    assert result.videos.shape == (2, *shape, 3)
+    assert np.all(np.isfinite(np.asarray(result.objective)))
+    assert np.all(np.isfinite(np.asarray(result.videos)))
+
+
+def _conv_count(model, params, video, layer) -> int:
+    jaxpr = jax.make_jaxpr(lambda p, v: model.features(p, v, layer))(params, video)
+    return sum(eqn.primitive.name == "conv_general_dilated" for eqn in jaxpr.jaxpr.eqns)
+
+
+def test_features_stops_at_the_layer(case):
+    """``features(..., upto)`` equals the all-layer pass at ``upto`` and runs no conv after it."""
+    model, params, video = case["model"], case["params"], case["video"]
+    modules = dict(case["torch_model"].named_modules())
+    convs = [layer for layer in model.layers if isinstance(modules.get(case["torch_path"](layer)), nn.Conv3d)]
+    layer = convs[2]
+    np.testing.assert_allclose(model.features(params, video, layer), case["ours"][layer], rtol=1e-5, atol=1e-5)
+    assert _conv_count(model, params, video, layer) == 3
+    assert _conv_count(model, params, video, model.layers[-1]) == len(convs)
+
+
+def test_run_until_names_the_missing_and_the_valid_layers():
+    taps = iter([("conv1", jnp.zeros(1)), ("conv2", jnp.ones(1))])
+    with pytest.raises(ValueError, match=r"no layer named 'conv9'; valid layers are: conv1, conv2"):
+        run_until(taps, ("conv1", "conv9"), ("conv1", "conv2"))
+
+
+def test_run_until_returns_each_requested_layer():
+    taps = iter([("conv1", jnp.zeros(1)), ("conv2", jnp.ones(1)), ("conv3", 2 * jnp.ones(1))])
+    found = run_until(taps, ("conv2", "conv1"), ("conv1", "conv2", "conv3"))
+    assert set(found) == {"conv1", "conv2"} and float(found["conv2"][0]) == 1.0
+    assert next(taps)[0] == "conv3"  # stopped after conv2: nothing later was computed
+
+
+def test_params_file_loads_like_the_checkpoint(case, tmp_path):
+    path = params_io.save(tmp_path / "params.msgpack", case["params"])
+    model, params = zoo.load(case["name"], path)
+    assert model.name == case["name"]
+    assert jax.tree.structure(params) == jax.tree.structure(case["params"])
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(case["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_params_of_another_model_are_refused(case, tmp_path):
+    other = "mc3_18" if case["name"] == "r3d_18" else "r3d_18"
+    path = params_io.save(tmp_path / "params.msgpack", case["params"])
+    with pytest.raises(ValueError, match=rf"not {other} params; .*kv3d convert {other}"):
+        zoo.load(other, path)
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_zoo_checks_params_of_every_registered_model(name):
+    with pytest.raises(ValueError, match=rf"these are not {name} params; missing: \['(params|batch_stats)'\]"):
+        zoo.check_params(name, {})

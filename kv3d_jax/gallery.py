@@ -1,0 +1,385 @@
+"""The HTML gallery of a run: a page per layer, an index across layers, and per-layer figures.
+
+Pages are self-contained: inline CSS and vanilla JS, images by relative links to the
+files written beside them, nothing fetched from elsewhere. A layer page shows every
+kernel's stage-1 video, static texture, motion and reconstruction with its summary,
+sortable and filterable; the view (sort order, filters) lives in the URL's ``#``
+fragment, so a link reopens the same view. Each page states at the bottom whether all of
+its images loaded and whether any script error happened, so a broken gallery says so.
+
+Figures (Matplotlib, Agg): a contact sheet of a layer's statics and a two-panel motion
+histogram (directions as a polar histogram weighted by speed; speeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# What a kernel card shows, in order: media kind -> caption.
+MEDIA = {
+    "stage1": "optimal video",
+    "static": "static texture",
+    "motion": "motion",
+    "recon": "reconstruction",
+}
+# What a kernel card links to: media kind -> link text.
+LINKS = {"panel": "side by side", "deform": "static + motion"}
+# Sortable summary fields: data attribute -> label.
+FIELDS = {
+    "channel": "channel",
+    "objective": "objective",
+    "speed": "speed",
+    "psnr": "PSNR",
+    "direction": "direction",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelView:
+    """One kernel as a layer page shows it.
+
+    Attributes:
+      channel: the channel index.
+      objective: the stage-1 objective reached (activation).
+      direction_deg: dominant motion direction, degrees (0° = right, 90° = up).
+      speed: mean speed, px/frame.
+      psnr: reconstruction PSNR, dB.
+      media: media kind (keys of :data:`MEDIA` and :data:`LINKS`) -> file path relative to the page.
+    """
+
+    channel: int
+    objective: float
+    direction_deg: float
+    speed: float
+    psnr: float
+    media: Mapping[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerView:
+    """One layer as the index shows it: its page and figures (caption -> path, relative to the
+    index), kernels ``done`` of ``total`` asked for, mean PSNR (dB) and mean speed (px/frame)."""
+
+    layer: str
+    page: str
+    figures: Mapping[str, str]
+    done: int
+    total: int
+    mean_psnr: float
+    mean_speed: float
+
+
+def save_figure(fig: Figure, path) -> Path:
+    """Writes ``fig`` as a PNG at ``path`` (replacing it whole); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def contact_sheet(statics, channels: Sequence[int], title: str) -> Figure:
+    """A grid of ``statics`` ``(K, H, W, 3)`` in [0, 1] (clipped), each titled with its channel."""
+    statics = np.clip(np.asarray(statics, np.float32), 0.0, 1.0)
+    k = len(statics)
+    if k == 0 or len(channels) != k:
+        raise ValueError(f"contact_sheet needs at least one static and one channel per static; "
+                         f"got {k} statics, {len(channels)} channels")
+    cols = math.ceil(math.sqrt(k))
+    rows = math.ceil(k / cols)
+    fig = Figure(figsize=(1.1 * cols, 1.1 * rows + 0.4), dpi=100)
+    fig.suptitle(title, fontsize=9)
+    for i in range(rows * cols):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.set_axis_off()
+        if i < k:
+            ax.imshow(statics[i], interpolation="nearest")
+            ax.set_title(str(channels[i]), fontsize=7, pad=2)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.45 / fig.get_figheight(),
+                        wspace=0.1, hspace=0.3)
+    return fig
+
+
+def direction_histogram(direction_deg, speed, bins: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Speed-weighted histogram of directions: ``(centres_deg, weights)``, both ``(bins,)``.
+
+    Bin ``i`` is centred on ``i * 360 / bins`` degrees (so 0° = right and 90° = up are bin
+    centres); each kernel adds its ``speed`` (px/frame) to its direction's bin. Kernels
+    with a non-finite direction or speed are left out.
+    """
+    direction, speed = np.asarray(direction_deg, np.float64), np.asarray(speed, np.float64)
+    finite = np.isfinite(direction) & np.isfinite(speed)
+    index = np.round(direction[finite] % 360.0 / (360.0 / bins)).astype(int) % bins
+    return np.arange(bins) * 360.0 / bins, np.bincount(index, weights=speed[finite], minlength=bins)
+
+
+def motion_histogram(direction_deg, speed, title: str, bins: int = 16) -> Figure:
+    """Two panels: the directions ``(K,)`` (degrees, 0° = right, 90° = up, drawn as on screen)
+    as a polar histogram weighted by ``speed`` ``(K,)`` px/frame, and a histogram of speeds."""
+    centres, weights = direction_histogram(direction_deg, speed, bins)
+    speed = np.asarray(speed, np.float64)
+    speed = speed[np.isfinite(speed)]
+    fig = Figure(figsize=(8, 3.6), dpi=100)
+    fig.suptitle(title, fontsize=9)
+    polar = fig.add_subplot(1, 2, 1, projection="polar")
+    # Matplotlib's polar axes put 0 rad to the right and turn counter-clockwise: as our angles.
+    polar.bar(np.deg2rad(centres), weights, width=np.deg2rad(360.0 / bins), color="tab:blue", edgecolor="white")
+    polar.set_title("direction, weighted by speed (0° = right, 90° = up)", fontsize=8)
+    polar.tick_params(labelsize=7)
+    ax = fig.add_subplot(1, 2, 2)
+    ax.hist(speed, bins=min(bins, max(len(speed), 1)), color="tab:orange", edgecolor="white")
+    ax.set_xlabel("mean speed (px/frame)", fontsize=8)
+    ax.set_ylabel("kernels", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.15, top=0.82, wspace=0.35)
+    return fig
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1em 2em;color:#222;background:#fafafa}
+h1{font-size:1.4em;margin:.2em 0}
+.note{color:#8a5a00}
+.figures img{max-width:48%;height:auto;margin-right:1%;vertical-align:top;border:1px solid #ddd;background:#fff}
+form{display:flex;flex-wrap:wrap;gap:.4em 1.2em;align-items:center;margin:1em 0;padding:.6em;background:#eee}
+form input[type=number]{width:5em}
+#kernels{display:flex;flex-wrap:wrap;gap:10px}
+.kernel{margin:0;padding:6px;background:#fff;border:1px solid #ddd}
+.kernel[hidden]{display:none}
+.media{display:flex;gap:4px}
+.media figure{margin:0;text-align:center;font-size:11px;color:#666}
+.media img{height:128px;width:auto;image-rendering:pixelated;display:block}
+.summary{display:flex;gap:.8em;align-items:center;margin-top:4px}
+.arrow{width:22px;height:22px}
+table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}
+#status{margin-top:2em;color:#2a6b2a}#status.bad{color:#b00020;font-weight:bold}
+"""
+
+# Registered first in <head>, so errors of images that fail before the page's script runs
+# are counted too (a failed image fires "error" on the element; it reaches window only in
+# the capture phase).
+_ERRORS_JS = """
+window.kv3dErrors = [];
+window.addEventListener("error", function (e) {
+  var t = e.target;
+  window.kv3dErrors.push(t && t !== window && t.src ? "could not load " + t.getAttribute("src")
+                                                    : String(e.message));
+}, true);
+"""
+
+_STATUS_JS = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var failed = images.filter(function (im) { return !(im.complete && im.naturalWidth > 0); });
+  var errors = window.kv3dErrors;
+  var status = document.getElementById("status");
+  status.dataset.images = images.length;
+  status.dataset.loaded = images.length - failed.length;
+  status.dataset.failed = failed.length;
+  status.dataset.errors = errors.length;
+  if (failed.length || errors.length) {
+    status.className = "bad";
+    status.textContent = failed.length + " of " + images.length + " images failed to load ("
+      + failed.map(function (im) { return im.getAttribute("src"); }).join(", ") + "); "
+      + errors.length + " errors: " + errors.join("; ");
+  } else {
+    status.textContent = "all " + images.length + " images loaded, no errors";
+  }
+});
+"""
+
+_LAYER_JS = """
+(function () {
+  "use strict";
+  var grid = document.getElementById("kernels");
+  var form = document.getElementById("view");
+  var cards = Array.prototype.slice.call(grid.children);
+  var names = ["sort", "order", "min_speed", "min_psnr", "direction", "tolerance", "channels"];
+  function value(card, key) { return parseFloat(card.dataset[key]); }
+  function gap(a, b) { var d = Math.abs(a - b) % 360; return Math.min(d, 360 - d); }
+  function channelSet(text) {
+    var wanted = [];
+    text.split(",").forEach(function (part) {
+      var m = /^\\s*(\\d+)\\s*(?:-\\s*(\\d+)\\s*)?$/.exec(part);
+      if (m) wanted.push([+m[1], m[2] === undefined ? +m[1] : +m[2]]);
+    });
+    return wanted.length ? wanted : null;
+  }
+  function state() {
+    var s = {};
+    names.forEach(function (n) { s[n] = form.elements[n].value; });
+    return s;
+  }
+  function apply() {
+    var s = state(), sign = s.order === "desc" ? -1 : 1, key = s.sort;
+    var minSpeed = parseFloat(s.min_speed), minPsnr = parseFloat(s.min_psnr);
+    var dir = parseFloat(s.direction), tol = parseFloat(s.tolerance), ranges = channelSet(s.channels);
+    var sorted = cards.slice().sort(function (a, b) {
+      var x = value(a, key), y = value(b, key);
+      if (isNaN(x) !== isNaN(y)) return isNaN(x) ? 1 : -1;
+      return (isNaN(x) || x === y ? 0 : sign * (x < y ? -1 : 1)) || value(a, "channel") - value(b, "channel");
+    });
+    var shown = 0;
+    sorted.forEach(function (card) {
+      var c = value(card, "channel");
+      var ok = (isNaN(minSpeed) || value(card, "speed") >= minSpeed)
+        && (isNaN(minPsnr) || value(card, "psnr") >= minPsnr)
+        && (isNaN(dir) || isNaN(tol) || gap(value(card, "direction"), dir) <= tol)
+        && (!ranges || ranges.some(function (r) { return c >= r[0] && c <= r[1]; }));
+      card.hidden = !ok;
+      shown += ok ? 1 : 0;
+      grid.appendChild(card);
+    });
+    var count = document.getElementById("shown");
+    count.textContent = shown + " of " + cards.length + " kernels shown";
+    count.dataset.shown = shown;
+    var fragment = names.filter(function (n) { return s[n] !== defaults[n]; })
+      .map(function (n) { return encodeURIComponent(n) + "=" + encodeURIComponent(s[n]); }).join("&");
+    history.replaceState(null, "", fragment ? "#" + fragment : location.pathname + location.search);
+  }
+  function fromFragment() {
+    location.hash.slice(1).split("&").forEach(function (pair) {
+      var kv = pair.split("="), name = decodeURIComponent(kv[0]);
+      if (names.indexOf(name) >= 0 && kv.length === 2) form.elements[name].value = decodeURIComponent(kv[1]);
+    });
+  }
+  var defaults = state();
+  form.addEventListener("input", apply);
+  form.addEventListener("submit", function (e) { e.preventDefault(); });
+  window.addEventListener("hashchange", function () { fromFragment(); apply(); });
+  fromFragment();
+  apply();
+})();
+"""
+
+
+def _number(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if math.isfinite(x) else "–"
+
+
+def _attr(x: float) -> str:
+    return repr(float(x)) if math.isfinite(x) else "NaN"
+
+
+def _arrow(direction_deg: float) -> str:
+    """An inline SVG arrow pointing along ``direction_deg`` (0° = right, 90° = up)."""
+    if not math.isfinite(direction_deg):
+        return '<svg class="arrow" viewBox="-10 -10 20 20" role="img" aria-label="no direction"></svg>'
+    # SVG's y axis points down, so an angle counter-clockwise on screen is a negative rotation.
+    return (
+        f'<svg class="arrow" viewBox="-10 -10 20 20" role="img" aria-label="{direction_deg:.0f}°">'
+        f'<g transform="rotate({-direction_deg:.1f})"><line x1="-7" y1="0" x2="5" y2="0" '
+        'stroke="#c0392b" stroke-width="2"/><path d="M8 0 L2 -4 L2 4 Z" fill="#c0392b"/></g></svg>'
+    )
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n"
+        f"<script>{_ERRORS_JS}</script></head>\n<body>\n{body}\n"
+        '<p id="status">checking images…</p>\n'
+        f"<script>{_STATUS_JS}</script>\n"
+        + (f"<script>{script}</script>\n" if script else "")
+        + "</body></html>\n"
+    )
+
+
+def _kernel_card(view: KernelView) -> str:
+    figures = "".join(
+        f'<figure><img src="{html.escape(view.media[kind])}" alt="{html.escape(caption)}, channel '
+        f'{view.channel}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        for kind, caption in MEDIA.items()
+        if kind in view.media
+    )
+    links = "".join(f' <a href="{html.escape(view.media[kind])}">{html.escape(text)}</a>'
+                    for kind, text in LINKS.items() if kind in view.media)
+    data = (
+        f'data-channel="{view.channel}" data-objective="{_attr(view.objective)}" '
+        f'data-speed="{_attr(view.speed)}" data-psnr="{_attr(view.psnr)}" '
+        f'data-direction="{_attr(view.direction_deg)}"'
+    )
+    return (
+        f'<article class="kernel" id="channel-{view.channel}" {data}>'
+        f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
+        f"{_arrow(view.direction_deg)}<span>{_number(view.direction_deg, 4)}°</span>"
+        f"<span>{_number(view.speed)} px/frame</span><span>{_number(view.psnr)} dB</span>"
+        f"<span>objective {_number(view.objective)}</span>{links}</div></article>"
+    )
+
+
+def layer_page(
+    title: str,
+    kernels: Sequence[KernelView],
+    figures: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
+    index: str | None = "index.html",
+) -> str:
+    """The HTML of a layer page: ``figures`` (caption -> relative path), ``notes``, one card per kernel."""
+    sort_options = "".join(f'<option value="{k}">{v}</option>' for k, v in FIELDS.items())
+    controls = (
+        '<form id="view" autocomplete="off">'
+        f'<label>sort by <select name="sort">{sort_options}</select></label>'
+        '<label><select name="order"><option value="asc">ascending</option>'
+        '<option value="desc">descending</option></select></label>'
+        '<label>speed ≥ <input type="number" name="min_speed" step="any" value=""> px/frame</label>'
+        '<label>PSNR ≥ <input type="number" name="min_psnr" step="any" value=""> dB</label>'
+        '<label>direction <input type="number" name="direction" step="any" value="">° '
+        '± <input type="number" name="tolerance" step="any" value="45">°</label>'
+        '<label>channels <input type="text" name="channels" value="" placeholder="e.g. 0-7,12"></label>'
+        '<output id="shown"></output></form>'
+    )
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if index:
+        body.append(f'<p><a href="{html.escape(index)}">all layers</a></p>')
+    body += [f'<p class="note">{html.escape(note)}</p>' for note in notes]
+    if figures:
+        body.append('<div class="figures">' + "".join(
+            f'<img src="{html.escape(path)}" alt="{html.escape(caption)}" title="{html.escape(caption)}">'
+            for caption, path in figures.items()) + "</div>")
+    body.append('<p>Per kernel: the optimal video, its static texture, its motion (hue = direction '
+                'as on the colour wheel at the right, brightness = speed; grey = not read out) and the '
+                'reconstruction from the two; the arrow shows the dominant direction of motion.</p>')
+    body.append(controls)
+    body.append('<div id="kernels">' + "\n".join(_kernel_card(v) for v in kernels) + "</div>")
+    return _page(title, "\n".join(body), _LAYER_JS)
+
+
+def index_page(title: str, layers: Sequence[LayerView], notes: Sequence[str] = ()) -> str:
+    """The HTML of the index: one row per layer with its counts, figures and a link to its page."""
+    rows = "".join(
+        f'<tr><td><a href="{html.escape(v.page)}">{html.escape(v.layer)}</a></td>'
+        f"<td>{v.done} of {v.total}</td><td>{_number(v.mean_speed)} px/frame</td>"
+        f"<td>{_number(v.mean_psnr)} dB</td><td>"
+        + "".join(f'<a href="{html.escape(v.page)}"><img src="{html.escape(path)}" alt="{html.escape(caption)}" '
+                  f'title="{html.escape(caption)}" height="120"></a>' for caption, path in v.figures.items())
+        + "</td></tr>"
+        for v in layers
+    )
+    body = (
+        f"<h1>{html.escape(title)}</h1>"
+        + "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
+        + "<table><thead><tr><th>layer</th><th>kernels done</th><th>mean speed</th>"
+        f"<th>mean PSNR</th><th>figures</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+    return _page(title, body)
+
+
+def write_page(path, text: str) -> Path:
+    """Writes a page's HTML ``text`` to ``path`` (replacing it whole, never half-written); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

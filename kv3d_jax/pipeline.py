@@ -1,0 +1,322 @@
+"""``kv3d visualize``: every chosen kernel through stage 1, stage 2 and the writers, into a
+resumable results store (:mod:`kv3d_jax.store`), then the gallery (:mod:`kv3d_jax.gallery`).
+
+The work of a layer is cut into chunks of kernels; a chunk is one batched
+:func:`~kv3d_jax.maximize.maximize` and one batched :func:`~kv3d_jax.decompose.decompose`
+call, and each of its kernels is stored as soon as the chunk is done. Every kernel's
+randomness comes from ``(seed, layer, channel)`` alone and both stages treat the kernels
+of a batch independently, so an interruption changes no result, and the chunk size none
+beyond float rounding (another batch size may reorder a reduction: measured ≤ 1e-7
+relative); a resumed sweep computes exactly the kernels that have no file yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import converters
+from converters.checkpoint import NotACheckpointError
+from kv3d_jax import gallery, models, params_io, writers
+from kv3d_jax.decompose import decompose
+from kv3d_jax.maximize import get_preset, maximize, parse_channels
+from kv3d_jax.models import motionnet
+from kv3d_jax.motion import motion_summary, observability
+from kv3d_jax.progress import ProgressBar
+from kv3d_jax.store import Store, params_checksum
+
+# `kv3d visualize` with no arguments: all 176 channels of the embedded MotionNet's conv layers.
+# The step counts are set by measurement to finish in about 5 minutes on 2 CPU cores: with XLA
+# held to one thread on one core the whole job took 330 CPU-s (stage 1 costs about 17 CPU-s per
+# step over the four layers; compilation, the pictures and stage 2 most of the rest), and both
+# stages use both cores. Stage 1's speed sets the budget: re-measure when it changes.
+DEFAULT_JOB = {
+    "model": "motionnet",
+    "layers": motionnet.CONV_LAYERS,
+    "preset": "native",
+    "steps": 12,
+    "decompose_steps": 100,
+    "chunk": 16,
+    "seed": 0,
+    "out": "kv3d_out",
+}
+# For any other model: the paper preset with its steps, and the reference's decomposition steps (SPEC §3).
+OTHER_MODELS = {"preset": "paper", "decompose_steps": 2000}
+
+SUMMARY = ("objective", "direction_deg", "speed", "psnr")
+# Width (px) of the frame border the motion read-out leaves out (motion.motion_summary's default).
+_BORDER = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a kernel's result depends on besides the model params (``run.json``'s config).
+
+    Attributes:
+      model: registry name of the model.
+      preset: stage-1 preset name (:data:`kv3d_jax.maximize.PRESETS`).
+      steps: stage-1 optimisation steps.
+      decompose_steps: stage-2 optimisation steps.
+      seed: the seed every kernel's PRNG keys are derived from.
+      rectify: maximise the activation after a ReLU (SPEC §5) rather than the layer's output.
+    """
+
+    model: str
+    preset: str
+    steps: int
+    decompose_steps: int
+    seed: int
+    rectify: bool = False
+
+    def __post_init__(self):
+        get_preset(self.preset)
+        for name in ("steps", "decompose_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+def job_settings(model: str | None = None, preset: str | None = None, steps: int | None = None,
+                 decompose_steps: int | None = None, seed: int | None = None, rectify: bool = False) -> Settings:
+    """:class:`Settings` with every option not given filled in: from :data:`DEFAULT_JOB` for its
+    model (and, for ``steps``, its preset), else from :data:`OTHER_MODELS` and the preset."""
+    model = model or DEFAULT_JOB["model"]
+    default = model == DEFAULT_JOB["model"]
+    preset = preset or (DEFAULT_JOB if default else OTHER_MODELS)["preset"]
+    if steps is None:
+        steps = DEFAULT_JOB["steps"] if default and preset == DEFAULT_JOB["preset"] else get_preset(preset).steps
+    if decompose_steps is None:
+        decompose_steps = (DEFAULT_JOB if default else OTHER_MODELS)["decompose_steps"]
+    return Settings(model, preset, steps, decompose_steps, DEFAULT_JOB["seed"] if seed is None else seed, rectify)
+
+
+def job_layers(model, layers: Sequence[str] | None, every: bool = False) -> tuple[str, ...]:
+    """The layers to visualise: ``layers`` (checked), all of the model's if ``every``, else
+    :data:`DEFAULT_JOB`'s for its model; other models need them named."""
+    if every:
+        return tuple(model.layers)
+    if layers:
+        return tuple(model.check_layer(layer) for layer in layers)
+    if model.name == DEFAULT_JOB["model"]:
+        return tuple(DEFAULT_JOB["layers"])
+    raise ValueError(f"choose layers of {model.name} with --layer L (repeatable) or --layers all; "
+                     f"valid layers are: {', '.join(model.layers)}")
+
+
+def load_model(name: str, weights=None):
+    """``(model, params)`` of model ``name``: MotionNet's shipped params when ``weights`` is None,
+    else those in ``weights``, a params file or a checkpoint (converted on the fly)."""
+    model = models.get(name)
+    if weights is None:
+        if name != DEFAULT_JOB["model"]:
+            raise ValueError(f"{name} needs --weights: a params file from `kv3d convert {name} CHECKPOINT -o FILE`, "
+                             "or the checkpoint itself")
+        return motionnet.load_default()
+    try:
+        converters.checkpoint_format(weights)
+    except NotACheckpointError:
+        params = params_io.load(weights)
+    else:
+        params = converters.convert(name, weights)
+    try:
+        model.num_channels(params, model.layers[0])
+    except (flax.errors.FlaxError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{weights} does not hold {name} params ({type(err).__name__}: {err})") from None
+    return model, params
+
+
+def video_shape(model, settings: Settings) -> tuple[int, int, int]:
+    """The ``(T, H, W)`` of the optimised videos: the preset's, else the model's input size."""
+    return tuple(get_preset(settings.preset).shape or model.input_shape)
+
+
+def kernel_schema(shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every (float32) array stored for a kernel with ``(T, H, W)`` videos."""
+    t, h, w = shape
+    return {
+        "video": (t, h, w, 3),
+        "static": (h, w, 3),
+        "displacement": (t, h, w, 2),
+        "reconstruction": (t, h, w, 3),
+        **{name: () for name in SUMMARY},
+    }
+
+
+def layer_key(seed: int, layer: str) -> jax.Array:
+    """The PRNG key of ``layer``'s kernels, from the seed and the layer's name."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(layer.encode()) & 0x7FFFFFFF)
+
+
+def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: Settings,
+                  progress=None) -> dict[int, dict[str, np.ndarray]]:
+    """Stage 1, stage 2 and the motion read-out of ``channels`` of ``layer``, batched:
+    ``{channel: record}`` with the float32 arrays of :func:`kernel_schema`.
+
+    Stage 1 folds each channel into ``fold_in(layer key, 1)``; stage 2 gets
+    ``fold_in(fold_in(layer key, 2), channel)`` per kernel. ``progress(stage, done, total)``
+    is called as steps finish.
+    """
+    key = layer_key(settings.seed, layer)
+    stage1 = maximize(
+        model, params, layer, channels=list(channels), preset=settings.preset, steps=settings.steps,
+        key=jax.random.fold_in(key, 1), rectify=settings.rectify,
+        callback=None if progress is None else lambda done, total, _: progress(1, done, total),
+    )
+    ids = jnp.asarray(channels, jnp.uint32)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, 2), ids)
+    dec = decompose(stage1.videos, steps=settings.decompose_steps, key=keys,
+                    progress=None if progress is None else lambda done, total: progress(2, done, total))
+    summary = motion_summary(dec, border=_BORDER)
+    arrays = {
+        "video": stage1.videos, "objective": stage1.objective, "static": dec.static,
+        "displacement": dec.displacement, "reconstruction": dec.reconstruction,
+        "direction_deg": summary.direction_deg, "speed": summary.speed, "psnr": summary.psnr,
+    }
+    arrays = {name: np.asarray(value, np.float32) for name, value in arrays.items()}
+    return {int(c): {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
+
+
+def media_names(model: str, layer: str, channel: int) -> dict[str, str]:
+    """File names of a kernel's pictures, as :func:`kv3d_jax.writers.save_decomposition` names them."""
+    stem = writers.kernel_stem(model, layer, channel)
+    return {kind: f"{stem}_{kind}.{'png' if kind == 'static' else 'gif'}" for kind in writers.DECOMPOSITION_FILES}
+
+
+@jax.jit
+def _read_out_support(static, displacement):
+    """Where the motion read-out averages velocities ``(T-1, H, W)``: drawn in colour, the rest grey."""
+    return observability(static, displacement, _BORDER) > 0
+
+
+def write_media(folder: Path, model: str, layer: str, channel: int, record: dict) -> None:
+    """Writes a kernel's pictures (SPEC §4) into ``folder`` from its ``record``."""
+    valid = np.asarray(_read_out_support(record["static"], record["displacement"]))
+    written = writers.save_decomposition(folder, writers.kernel_stem(model, layer, channel), record["video"],
+                                         record["static"], record["displacement"], record["reconstruction"],
+                                         valid=valid)
+    names = media_names(model, layer, channel)
+    if {kind: path.name for kind, path in written.items()} != names:
+        raise RuntimeError(f"writers.save_decomposition named its files {written}, not {names}")
+
+
+def _progress_bar(model, layer: str, chunks: int, settings: Settings, log) -> tuple[ProgressBar, Callable]:
+    """A bar over ``chunks`` chunks of both stages' steps, and ``advance(chunk_index)`` → a stage callback."""
+    per_chunk = settings.steps + settings.decompose_steps
+    bar = ProgressBar(chunks * per_chunk, label=f"{model.name} {layer}", stream=log)
+
+    def advance(index: int):
+        def show(stage: int, done: int, total: int):
+            before = index * per_chunk + (settings.steps if stage == 2 else 0)
+            bar.update(before + done * (settings.steps if stage == 1 else settings.decompose_steps) // total,
+                       stage=stage)
+        return show
+
+    return bar, advance
+
+
+def sweep_layer(store: Store, model, params, layer: str, channels: Sequence[int], settings: Settings,
+                chunk: int, out: Path, log=sys.stderr) -> int:
+    """Computes and stores every kernel of ``channels`` that ``store`` does not hold yet, ``chunk``
+    kernels per batch, writing each kernel's pictures under ``out/layer/``; returns how many.
+
+    Files in the layer's folder that are not usable kernel files are reported on ``log``.
+    """
+    audit = store.audit(layer, kernel_schema(video_shape(model, settings)))
+    for problem in audit.problems:
+        print(f"warning: {problem}", file=log)
+    pending = [c for c in channels if c not in audit.done]
+    batches = [pending[i:i + chunk] for i in range(0, len(pending), chunk)]
+    if batches:
+        bar, advance = _progress_bar(model, layer, len(batches), settings, log)
+        for index, batch in enumerate(batches):
+            for channel, record in compute_chunk(model, params, layer, batch, settings, advance(index)).items():
+                write_media(out / layer, model.name, layer, channel, record)
+                store.write(layer, channel, record)
+        bar.close()
+    return len(pending)
+
+
+def _mean(values) -> float:
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Settings, out: Path) -> gallery.LayerView:
+    """Writes ``layer``'s page and figures from the kernels ``store`` holds (re-drawing any missing
+    picture from its record); ``wanted``: how many kernels of the layer were asked for."""
+    schema = kernel_schema(video_shape(model, settings))
+    done = sorted(store.audit(layer, schema).done)
+    records = {c: store.read(layer, c, schema) for c in done}
+    folder = out / layer
+    kernels = []
+    for c, r in records.items():
+        names = media_names(model.name, layer, c)
+        if not all((folder / name).is_file() for name in names.values()):
+            write_media(folder, model.name, layer, c, r)
+        kernels.append(gallery.KernelView(
+            channel=c, objective=float(r["objective"]), direction_deg=float(r["direction_deg"]),
+            speed=float(r["speed"]), psnr=float(r["psnr"]),
+            media={kind: f"{layer}/{name}" for kind, name in names.items()},
+        ))
+    title = f"{model.name} {layer}"
+    figures = {}
+    if records:
+        sheet = gallery.save_figure(
+            gallery.contact_sheet([r["static"] for r in records.values()], done, f"{title}: static textures"),
+            folder / f"{model.name}_{layer}_statics.png")
+        hist = gallery.save_figure(
+            gallery.motion_histogram([r["direction_deg"] for r in records.values()],
+                                     [r["speed"] for r in records.values()], f"{title}: motion"),
+            folder / f"{model.name}_{layer}_motion.png")
+        figures = {"static textures": f"{layer}/{sheet.name}", "directions and speeds": f"{layer}/{hist.name}"}
+    notes = [f"{len(done)} of {max(wanted, len(done))} kernels finished"] if len(done) < wanted else []
+    if layer in model.linear_layers and not settings.rectify:
+        notes.append(f"{layer}'s output is linear in the input, so the optimum of a channel's mean is a flat colour")
+    subtitle = (f"{settings.preset} preset{', rectified' if settings.rectify else ''}, {settings.steps} stage-1 "
+                f"steps, {settings.decompose_steps} decomposition steps, seed {settings.seed}")
+    page = gallery.write_page(out / f"{layer}.html", gallery.layer_page(f"{title}: {subtitle}", kernels, figures, notes))
+    return gallery.LayerView(layer=layer, page=page.name, figures=figures, done=len(done), total=max(wanted, len(done)),
+                             mean_psnr=_mean([k.psnr for k in kernels]), mean_speed=_mean([k.speed for k in kernels]))
+
+
+def visualize(model, params, layers: Sequence[str], channels: str, out, settings: Settings, chunk: int,
+              log=sys.stderr) -> Path:
+    """Runs (or resumes) the sweep of ``channels`` (``"all"``, ``"0-15"``, ``"3,7"``) of each of
+    ``layers`` into run folder ``out``, then writes the gallery; returns the index page's path.
+
+    Warnings about the folder's contents and progress go to ``log``.
+    """
+    if chunk < 1:
+        raise ValueError(f"--chunk must be at least 1, got {chunk}")
+    if settings.model != model.name:
+        raise ValueError(f"settings are for model {settings.model}, not {model.name}")
+    layers = [model.check_layer(layer) for layer in layers]
+    # dict.fromkeys: a channel named twice ("0-3,2") is still one kernel.
+    wanted = {layer: list(dict.fromkeys(parse_channels(channels, model.num_channels(params, layer)))) for layer in layers}
+    for layer, chosen in wanted.items():
+        bad = [c for c in chosen if c >= model.num_channels(params, layer)]
+        if bad:
+            raise ValueError(f"{layer} has channels 0..{model.num_channels(params, layer) - 1}; got {bad}")
+    out = Path(out)
+    config = {**dataclasses.asdict(settings), "video_shape": video_shape(model, settings)}
+    with Store.open(out, config, params_checksum(params)) as store:
+        for note in store.notes:
+            print(f"note: {note}", file=log)
+        for problem in store.foreign_entries(model.layers):
+            print(f"warning: {problem}", file=log)
+        for layer in layers:
+            if not sweep_layer(store, model, params, layer, wanted[layer], settings, chunk, out, log):
+                print(f"{model.name} {layer}: all {len(wanted[layer])} kernels already in {out}", file=log)
+        # The index covers every layer of the run folder, also those of earlier invocations.
+        shown = [layer for layer in model.layers if layer in wanted or layer in store.layers()]
+        views = [build_layer_page(store, model, layer, len(wanted.get(layer, ())), settings, out) for layer in shown]
+        return gallery.write_page(out / "index.html",
+                                  gallery.index_page(f"{model.name}: what its kernels respond to", views))

@@ -1,0 +1,89 @@
+"""The gallery's pages and figures, read back as data (the browser test loads them for real)."""
+
+from __future__ import annotations
+
+import html.parser
+import math
+
+import numpy as np
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from kv3d_jax import gallery
+
+
+def _view(channel, direction=90.0, speed=1.0, psnr=30.0, objective=2.0) -> gallery.KernelView:
+    media = {kind: f"b/k{channel}_{kind}.gif" for kind in ("stage1", "static", "motion", "recon", "panel", "deform")}
+    return gallery.KernelView(channel, objective, direction, speed, psnr, media)
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self, text: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def all(self, tag: str) -> list[dict]:
+        return [attrs for name, attrs in self.tags if name == tag]
+
+
+def test_direction_histogram_centres_bins_on_right_and_up_and_weights_by_speed():
+    centres, weights = gallery.direction_histogram([0.0, 359.0, 90.0, 95.0, 180.0, np.nan, 270.0],
+                                                   [1.0, 2.0, 0.5, 0.25, 3.0, 9.0, np.inf], bins=8)
+    np.testing.assert_array_equal(centres, [0, 45, 90, 135, 180, 225, 270, 315])
+    np.testing.assert_array_equal(weights, [3.0, 0, 0.75, 0, 3.0, 0, 0, 0])
+
+
+def test_motion_histogram_draws_angles_as_on_screen():
+    fig = gallery.motion_histogram([90.0, 90.0, 0.0], [2.0, 1.0, 1.0], "t", bins=4)
+    polar, speeds = fig.axes
+    assert polar.get_theta_offset() == 0.0 and polar.get_theta_direction() == 1  # 0 = right, counter-clockwise
+    bars = {round(math.degrees(p.get_x() + p.get_width() / 2)) % 360: p.get_height() for p in polar.patches}
+    assert bars == {0: 1.0, 90: 3.0, 180: 0.0, 270: 0.0}
+    assert sum(p.get_height() for p in speeds.patches) == 3
+
+
+def test_contact_sheet_shows_every_static_with_its_channel():
+    colours = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]], np.float32)
+    statics = np.broadcast_to(colours[:, None, None, :], (5, 6, 6, 3))
+    fig = gallery.contact_sheet(statics, [3, 8, 9, 10, 42], "sheet")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].reshape(-1, 3)
+    for colour in (colours * 255).astype(np.uint8):
+        assert (pixels == colour).all(axis=1).sum() > 100, colour
+    assert sorted(ax.get_title() for ax in fig.axes if ax.get_title()) == ["10", "3", "42", "8", "9"]
+    with pytest.raises(ValueError, match="got 5 statics, 4 channels"):
+        gallery.contact_sheet(statics, [1, 2, 3, 4], "sheet")
+
+
+def test_layer_page_has_a_card_per_kernel_with_its_summary_and_pictures():
+    views = [_view(3, direction=90.0), _view(7, direction=30.0, speed=0.5, psnr=math.nan)]
+    page = gallery.layer_page("tiny <b>", views, {"statics": "b/sheet.png"}, ["a note & more"])
+    tags = _Tags(page)
+    cards = [a for a in tags.all("article")]
+    assert [c["data-channel"] for c in cards] == ["3", "7"]
+    assert cards[1]["data-speed"] == "0.5" and cards[1]["data-psnr"] == "NaN" and cards[1]["data-direction"] == "30.0"
+    assert "<title>tiny &lt;b&gt;</title>" in page and "a note &amp; more" in page
+    assert [g["transform"] for g in tags.all("g")] == ["rotate(-90.0)", "rotate(-30.0)"]  # SVG's y points down
+    sources = [img["src"] for img in tags.all("img")]
+    assert sources == ["b/sheet.png"] + [f"b/k{c}_{kind}.gif" for c in (3, 7) for kind in gallery.MEDIA]
+    assert {a["href"] for a in tags.all("a")} == {"index.html"} | {
+        f"b/k{c}_{kind}.gif" for c in (3, 7) for kind in gallery.LINKS}
+    assert "– dB" in page  # an unknown PSNR is shown as a dash
+    # Self-contained: nothing but inline scripts and styles, no other origin.
+    assert all("src" not in s for s in tags.all("script")) and not tags.all("link")
+    assert "http" not in page and "//" not in page.replace("://", "")
+
+
+def test_index_page_links_every_layer():
+    views = [gallery.LayerView("conv1", "conv1.html", {"statics": "conv1/s.png"}, 3, 4, 21.5, 0.25),
+             gallery.LayerView("conv2", "conv2.html", {}, 0, 8, math.nan, math.nan)]
+    tags = _Tags(gallery.index_page("run", views))
+    assert [a["href"] for a in tags.all("a")] == ["conv1.html", "conv1.html", "conv2.html"]
+    assert [img["src"] for img in tags.all("img")] == ["conv1/s.png"]
+    page = gallery.index_page("run", views)
+    assert "3 of 4" in page and "21.5 dB" in page and "0 of 8" in page

@@ -1,0 +1,255 @@
+"""`kv3d visualize`'s pipeline: settings, model loading, chunked and resumed sweeps, and a sweep
+killed with SIGKILL and restarted.
+
+Run as a script (``python tests/test_pipeline.py OUT``) it sweeps the tiny model into OUT:
+that is the process the kill test kills.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import io
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from kv3d_jax import cli, decompose, maximize, params_io, pipeline
+from kv3d_jax.models import UnknownLayerError, VideoModel, motionnet
+from kv3d_jax.store import StoreError, params_checksum
+
+
+class _Tiny(nn.Module):
+    """Two 3D convolutions on 6x16x16 clips; ``b`` (8 channels) is the layer the sweeps visualise."""
+
+    @nn.compact
+    def __call__(self, x, upto):
+        x = nn.Conv(4, (3, 3, 3), padding="SAME", name="a")(x)
+        if upto == "a":
+            return x
+        return nn.Conv(8, (2, 3, 3), padding="SAME", name="b")(nn.relu(x))
+
+
+TINY = VideoModel(name="tiny", apply=lambda p, v, upto: _Tiny().apply(p, v, upto), layers=("a", "b"),
+                  input_shape=(6, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, linear_layers=frozenset({"a"}))
+TINY_PARAMS = _Tiny().init(jax.random.PRNGKey(3), np.zeros((1, 6, 16, 16, 3), np.float32), "b")
+SETTINGS = pipeline.Settings(model="tiny", preset="native", steps=20, decompose_steps=20, seed=5)
+
+
+def _sweep(out, channels="all", settings=SETTINGS, chunk=4) -> tuple[Path, str]:
+    log = io.StringIO()
+    index = pipeline.visualize(TINY, TINY_PARAMS, ["b"], channels, out, settings, chunk, log=log)
+    return index, log.getvalue()
+
+
+def _kernels(out) -> dict[int, dict]:
+    folder = Path(out) / "kernels" / "b"
+    return {int(p.stem): dict(np.load(p)) for p in sorted(folder.glob("*.npz"))}
+
+
+def _stats(out) -> dict[int, tuple[int, int]]:
+    return {int(p.stem): (p.stat().st_ino, p.stat().st_mtime_ns) for p in (Path(out) / "kernels" / "b").glob("*.npz")}
+
+
+def _assert_same_kernels(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for channel in a:
+        assert sorted(a[channel]) == sorted(b[channel])
+        for name in a[channel]:
+            if a[channel][name].dtype.kind == "f":
+                np.testing.assert_allclose(a[channel][name], b[channel][name], rtol=1e-6, atol=1e-6,
+                                           err_msg=f"channel {channel}: {name}")
+            else:
+                assert np.array_equal(a[channel][name], b[channel][name]), f"channel {channel}: {name}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """Every kernel of ``b``, swept in one go with chunks of 4."""
+    out = tmp_path_factory.mktemp("reference")
+    _sweep(out)
+    return _kernels(out)
+
+
+def test_job_settings_fill_in_the_default_job_and_the_presets():
+    job = pipeline.DEFAULT_JOB
+    assert pipeline.job_settings() == pipeline.Settings(job["model"], job["preset"], job["steps"],
+                                                        job["decompose_steps"], job["seed"])
+    assert pipeline.job_settings(preset="paper").steps == 1500
+    assert pipeline.job_settings("c3d") == pipeline.Settings("c3d", "paper", 1500, 2000, 0)
+    assert pipeline.job_settings("c3d", "native", 7, 9, 1, True) == pipeline.Settings("c3d", "native", 7, 9, 1, True)
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        pipeline.job_settings(preset="fast")
+    with pytest.raises(ValueError, match="--decompose-steps must be at least 1, got 0"):
+        pipeline.job_settings(decompose_steps=0)
+
+
+def test_job_layers():
+    assert pipeline.job_layers(motionnet.model(), None) == motionnet.CONV_LAYERS
+    assert pipeline.job_layers(TINY, None, every=True) == ("a", "b")
+    with pytest.raises(ValueError, match="--layer L .* valid layers are: a, b"):
+        pipeline.job_layers(TINY, None)
+    with pytest.raises(UnknownLayerError, match="no layer 'c'; valid layers are: a, b"):
+        pipeline.job_layers(TINY, ["b", "c"])
+
+
+def test_weights_are_a_params_file_or_a_checkpoint_converted_on_the_fly(tmp_path):
+    _, shipped = motionnet.load_default()
+    from_checkpoint = pipeline.load_model("motionnet", motionnet.checkpoint_path())[1]
+    params_file = params_io.save(tmp_path / "motionnet.msgpack", shipped)
+    from_file = pipeline.load_model("motionnet", params_file)[1]
+    assert params_checksum(from_checkpoint) == params_checksum(from_file) == params_checksum(shipped)
+    with pytest.raises(ValueError, match="c3d needs --weights"):
+        pipeline.load_model("c3d")
+    with pytest.raises(ValueError, match="does not hold c3d params"):
+        pipeline.load_model("c3d", params_file)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="is not a kv3d params file"):
+        pipeline.load_model("motionnet", tmp_path / "notes.txt")
+
+
+def test_cli_reports_bad_layers_and_missing_weights(tmp_path, capsys):
+    assert cli.main(["visualize", "--layer", "conv9", "--out", str(tmp_path / "a")]) == 2
+    assert "motionnet has no layer 'conv9'; valid layers are: conv1, conv2, conv3, conv4, fc" in capsys.readouterr().err
+    assert cli.main(["visualize", "--model", "c3d", "--layer", "conv1", "--out", str(tmp_path / "b")]) == 2
+    assert "c3d needs --weights" in capsys.readouterr().err
+    assert cli.main(["visualize", "--model", "c3d", "--out", str(tmp_path / "c")]) == 2
+    assert "choose layers of c3d with --layer L" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_kernel_keys_depend_on_seed_layer_and_channel_only():
+    assert np.array_equal(pipeline.layer_key(5, "b"), pipeline.layer_key(5, "b"))
+    assert not np.array_equal(pipeline.layer_key(5, "b"), pipeline.layer_key(6, "b"))
+    assert not np.array_equal(pipeline.layer_key(5, "b"), pipeline.layer_key(5, "a"))
+
+
+def test_chunking_does_not_change_results(tmp_path, reference):
+    _sweep(tmp_path, chunk=1)
+    _assert_same_kernels(_kernels(tmp_path), reference)
+
+
+def test_a_sweep_stores_every_kernel_and_a_gallery_with_local_files_only(tmp_path, reference):
+    index, log = _sweep(tmp_path, channels="0-3")
+    assert index == tmp_path / "index.html"
+    kernels = _kernels(tmp_path)
+    assert sorted(kernels) == [0, 1, 2, 3]
+    record = kernels[1]
+    assert record["video"].shape == (6, 16, 16, 3) and record["displacement"].shape == (6, 16, 16, 2)
+    assert all(np.isfinite(kernels[c][name]) for c in kernels for name in pipeline.SUMMARY)
+    assert record["objective"].shape == () and str(record["layer"]) == "b" and int(record["channel"]) == 1
+    # Each stage got the keys compute_chunk documents: (seed, layer, channel) and nothing else.
+    key = pipeline.layer_key(SETTINGS.seed, "b")
+    stage1 = maximize(TINY, TINY_PARAMS, "b", channels=[1], preset="native", steps=SETTINGS.steps,
+                      key=jax.random.fold_in(key, 1))
+    np.testing.assert_allclose(record["video"], stage1.videos[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(record["objective"], stage1.objective[0], rtol=1e-6, atol=1e-6)
+    stage2 = decompose(stage1.videos, steps=SETTINGS.decompose_steps,
+                       key=jax.random.fold_in(jax.random.fold_in(key, 2), 1)[None])
+    np.testing.assert_allclose(record["displacement"], stage2.displacement[0], rtol=1e-6, atol=1e-6)
+    links = _links(index) + _links(tmp_path / "b.html")
+    assert "b.html" in _links(index)
+    for link in links:
+        assert "://" not in link and not link.startswith("/"), link
+        assert (tmp_path / link).is_file(), link
+    page = (tmp_path / "b.html").read_text()
+    assert page.count('class="kernel"') == 4
+    assert {p.name for p in (tmp_path / "b").iterdir()} >= {"tiny_b_2_stage1.gif", "tiny_b_2_static.png",
+                                                            "tiny_b_statics.png", "tiny_b_motion.png"}
+
+
+def _links(page: Path) -> list[str]:
+    class Links(html.parser.HTMLParser):
+        found: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.found += [v for k, v in attrs if k in ("src", "href")]
+
+    parser = Links()
+    parser.found = []
+    parser.feed(page.read_text())
+    return parser.found
+
+
+def test_a_resumed_sweep_computes_only_missing_kernels(tmp_path, reference):
+    _sweep(tmp_path, channels="0,2,5,7")
+    before = _stats(tmp_path)
+    _, log = _sweep(tmp_path)
+    assert {c: _stats(tmp_path)[c] for c in before} == before
+    _assert_same_kernels(_kernels(tmp_path), reference)
+    done = _stats(tmp_path)
+    _, log = _sweep(tmp_path)
+    assert "all 8 kernels already in" in log
+    assert _stats(tmp_path) == done
+
+
+def test_a_run_folder_with_other_settings_is_refused(tmp_path):
+    _sweep(tmp_path, channels="0-3")
+    with pytest.raises(StoreError, match="steps: 20 there, 21 now.*Use another --out"):
+        _sweep(tmp_path, settings=pipeline.Settings("tiny", "native", 21, 20, 5))
+    with pytest.raises(StoreError, match="rectify: False there, True now"):
+        _sweep(tmp_path, settings=pipeline.Settings("tiny", "native", 20, 20, 5, rectify=True))
+    other = jax.tree.map(lambda x: x + 1, TINY_PARAMS)
+    with pytest.raises(StoreError, match="model params: sha256"):
+        pipeline.visualize(TINY, other, ["b"], "0-3", tmp_path, SETTINGS, 3, log=io.StringIO())
+
+
+def test_corrupt_kernel_files_are_quarantined_and_recomputed(tmp_path, reference):
+    _sweep(tmp_path, channels="0-3")
+    folder = tmp_path / "kernels" / "b"
+    truncated = (folder / "1.npz").read_bytes()[:100]
+    (folder / "1.npz").write_bytes(truncated)
+    np.savez(folder / "2.npz", **{**reference[2], "video": reference[2]["video"][:, :4]})
+    (folder / "readme.txt").write_text("mine")
+    (tmp_path / "kernels" / "conv9").mkdir()
+    before = _stats(tmp_path)
+    _, log = _sweep(tmp_path, channels="0-3", chunk=1)
+    assert f"warning: {folder / '1.npz'}: unreadable kernel file" in log
+    assert f"(quarantined to {tmp_path / 'quarantine' / 'b' / '1.npz.0'})" in log
+    assert f"warning: {folder / '2.npz'}: video is float32[6, 4, 16, 3], expected float32[6, 16, 16, 3]" in log
+    assert "readme.txt: not a kernel file (expected {channel}.npz) (ignored)" in log
+    assert f"warning: {tmp_path / 'kernels' / 'conv9'}: not the kernels folder of a layer of this model (ignored)" in log
+    assert (tmp_path / "quarantine" / "b" / "1.npz.0").read_bytes() == truncated
+    assert (folder / "readme.txt").read_text() == "mine"
+    after = _stats(tmp_path)
+    assert after[0] == before[0] and after[3] == before[3]
+    _assert_same_kernels(_kernels(tmp_path), {c: reference[c] for c in range(4)})
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_kernels(tmp_path, reference):
+    folder = tmp_path / "kernels" / "b"
+    # The script below writes kernels one by one (chunks of 1), each a few tenths of a second apart.
+    proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder.is_dir() and any(folder.glob("*.npz"))):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the sweep wrote no kernel within 120 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    survivors = _stats(tmp_path)
+    assert 1 <= len(survivors) < 8, f"the kill came too late to test anything: {sorted(survivors)}"
+
+    _, log = _sweep(tmp_path, chunk=1)
+    after = _stats(tmp_path)
+    assert sorted(after) == list(range(8))
+    assert {c: after[c] for c in survivors} == survivors
+    assert [p.name for p in folder.iterdir() if not p.name.endswith(".npz")] == []
+    assert not (tmp_path / "quarantine").exists()
+    # Identical to the sweep that was never interrupted (and ran in chunks of 4, in another process).
+    _assert_same_kernels(_kernels(tmp_path), reference)
+
+
+if __name__ == "__main__":
+    pipeline.visualize(TINY, TINY_PARAMS, ["b"], "all", sys.argv[1], SETTINGS, 1, log=io.StringIO())

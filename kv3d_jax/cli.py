@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 import converters
-from kv3d_jax import models, parameterizations, params_io, pipeline, tuning, writers
+from kv3d_jax import agreement, models, parameterizations, params_io, pipeline, tuning, writers
 from kv3d_jax.decompose import decompose
 from kv3d_jax.maximize import PRESETS, maximize, parse_channels
 from kv3d_jax.models import motionnet
@@ -334,7 +334,35 @@ def _run_visualize(args) -> int:
     return 0
 
 
-_SUBCOMMANDS: list = [_add_convert, _add_layers, _add_maximize, _add_tuning, _add_decompose, _add_visualize]
+def _add_agreement(sub) -> None:
+    job = pipeline.DEFAULT_JOB
+    p = sub.add_parser(
+        "agreement",
+        help="grating-preferred vs stage-2 direction of the direction-selective channels of a run",
+        description="For each layer of a `kv3d visualize` run folder: every direction-selective "
+        f"channel's (DSI >= {tuning.DS_THRESHOLD}) preferred drifting-grating direction beside the "
+        "dominant direction of its stage-2 motion, and the median angular difference. Writes "
+        "OUT/agreement.md.",
+    )
+    p.add_argument("--out", default=job["out"], help=f"the run folder (default {job['out']})")
+    p.add_argument("--weights", help=f"the run's params file or checkpoint (not needed for {job['model']})")
+    p.add_argument("--layer", action="append", help="only this layer (repeatable)")
+    p.set_defaults(run=_run_agreement)
+
+
+def _run_agreement(args) -> int:
+    rows, medians, compared = agreement.report(args.out, args.weights, args.layer)
+    if not compared:
+        raise ValueError(f"{args.out} holds no finished kernels yet; run `kv3d visualize --out {args.out}` first")
+    table = agreement.markdown(rows, medians)
+    writers.save_text(f"{args.out}/agreement.md", table)
+    print(table, end="")
+    print(f"{len(rows)} of {compared} kernels are direction-selective; table in {args.out}/agreement.md")
+    return 0
+
+
+_SUBCOMMANDS: list = [_add_convert, _add_layers, _add_maximize, _add_tuning, _add_decompose, _add_visualize,
+                      _add_agreement]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,6 +48,11 @@ def save_npz(path, **arrays) -> Path:
     return _atomic_write(Path(path), lambda p: np.savez(p, **data))
 
 
+def save_text(path, text: str) -> Path:
+    """Writes ``text`` (UTF-8)."""
+    return _atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+
+
 def save_png(path, image) -> Path:
     """Writes ``image`` ``(H, W, 3)`` in [0, 1] as a PNG."""
     pixels = to_uint8(image)

@@ -1,0 +1,95 @@
+"""Do the visualisations tell the truth? Grating-preferred vs stage-2 dominant direction.
+
+For the direction-selective channels of each layer of a ``kv3d visualize`` run, the
+direction of the drifting grating a channel prefers (:mod:`kv3d_jax.tuning`) beside the
+dominant direction of the motion in its optimal video (stage 2's read-out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kv3d_jax import pipeline, tuning
+from kv3d_jax.store import RUN_FILE, Store, StoreError, params_checksum
+
+# The grating grid: 16 directions (each with its opposite), three spatial and temporal frequencies.
+DIRECTIONS = np.arange(16) * 22.5
+SPATIAL_FREQS = (0.05, 0.1, 0.2)  # cycles/px
+TEMPORAL_FREQS = (0.05, 0.1, 0.2)  # cycles/frame
+
+
+def run_settings(run_dir) -> pipeline.Settings:
+    """The :class:`~kv3d_jax.pipeline.Settings` recorded in run folder ``run_dir``'s ``run.json``."""
+    path = Path(run_dir) / RUN_FILE
+    try:
+        config = json.loads(path.read_text())["config"]
+        fields = {f.name for f in dataclasses.fields(pipeline.Settings)}
+        return pipeline.Settings(**{name: config[name] for name in fields})
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a `kv3d visualize` run folder") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"{path} is not a kv3d run record ({type(err).__name__}: {err})") from None
+
+
+def stage2_directions(store: Store, model, layer: str, settings: pipeline.Settings) -> dict[int, float]:
+    """``{channel: dominant direction (deg)}`` of ``layer``'s finished kernels in ``store``."""
+    schema = pipeline.kernel_schema(pipeline.video_shape(model, settings))
+    done = store.audit(layer, schema).done
+    return {c: float(store.read(layer, c, schema)["direction_deg"]) for c in sorted(done)}
+
+
+def layer_agreement(model, params, layer: str, stage2: dict[int, float]) -> tuple[list, float]:
+    """Rows of :func:`kv3d_jax.tuning.agreement_table` for ``layer``'s channels in ``stage2``,
+    and their median angular difference (degrees; NaN when no channel is direction-selective).
+
+    Channels whose read-out found no observable motion (NaN direction) are left out.
+    """
+    stage2 = {c: d for c, d in stage2.items() if np.isfinite(d)}
+    responses = tuning.grating_responses(model, params, layer, DIRECTIONS, SPATIAL_FREQS, TEMPORAL_FREQS)
+    result = tuning.direction_tuning(responses, DIRECTIONS)
+    channels = np.asarray(sorted(stage2), np.int64)
+    rows, medians = tuning.agreement_table(
+        {layer: (result.preferred_deg[channels], result.dsi[channels], [stage2[c] for c in channels])}
+    )
+    # agreement_table numbers rows by position; name the real channels.
+    rows = [row._replace(channel=int(channels[row.channel])) for row in rows]
+    return rows, medians[layer]
+
+
+def report(run_dir, weights=None, layers: Sequence[str] | None = None) -> tuple[list, dict[str, float], int]:
+    """Agreement rows, per-layer medians and kernels compared, for run folder ``run_dir``.
+
+    The run's model is loaded as ``kv3d visualize`` loads it (``weights`` unless it is the
+    embedded default model), and must be the one the run recorded.
+    """
+    settings = run_settings(run_dir)
+    model, params = pipeline.load_model(settings.model, weights)
+    config = {**dataclasses.asdict(settings), "video_shape": pipeline.video_shape(model, settings)}
+    rows, medians, compared = [], {}, 0
+    with Store.open(run_dir, config, params_checksum(params)) as store:
+        for layer in layers or [layer for layer in model.layers if layer in store.layers()]:
+            stage2 = stage2_directions(store, model, model.check_layer(layer), settings)
+            if not stage2:
+                continue
+            layer_rows, medians[layer] = layer_agreement(model, params, layer, stage2)
+            rows += layer_rows
+            compared += len(stage2)
+    return rows, medians, compared
+
+
+def markdown(rows, medians: dict[str, float]) -> str:
+    """The per-layer summary and per-channel table as Markdown."""
+    lines = ["| layer | DS channels | median difference (deg) |", "|---|---|---|"]
+    for layer, median in medians.items():
+        count = sum(row.layer == layer for row in rows)
+        lines.append(f"| {layer} | {count} | {median:.1f} |" if count else f"| {layer} | 0 | – |")
+    lines += ["", "| layer | channel | grating-preferred (deg) | DSI | stage-2 dominant (deg) | difference (deg) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r.layer} | {r.channel} | {r.grating_deg:.1f} | {r.dsi:.2f} | {r.stage2_deg:.1f} | {r.difference_deg:.1f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,49 @@
+"""The agreement report: grating-preferred vs stage-2 direction, read from a visualize run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kv3d_jax import agreement, cli, tuning
+from kv3d_jax.models import motionnet
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return motionnet.load_default()
+
+
+def test_a_channel_moving_its_preferred_way_agrees_exactly(default_model):
+    model, params = default_model
+    responses = tuning.grating_responses(model, params, "conv2", agreement.DIRECTIONS, agreement.SPATIAL_FREQS,
+                                         agreement.TEMPORAL_FREQS)
+    truth = tuning.direction_tuning(responses, agreement.DIRECTIONS)
+    channels = [0, 5, 9]
+    stage2 = {c: float(truth.preferred_deg[c]) + (180.0 if c == 9 else 0.0) for c in channels}
+    stage2[11] = float("nan")  # no observable motion: left out
+    rows, median = agreement.layer_agreement(model, params, "conv2", stage2)
+    selective = [c for c in channels if truth.dsi[c] >= tuning.DS_THRESHOLD]
+    assert [r.channel for r in rows] == selective
+    expected = {c: (180.0 if c == 9 else 0.0) for c in selective}
+    np.testing.assert_allclose([r.difference_deg for r in rows], [expected[c] for c in selective], atol=1e-3)
+    np.testing.assert_allclose([r.grating_deg for r in rows], truth.preferred_deg[selective])
+    assert median == pytest.approx(np.median([expected[c] for c in selective]), abs=1e-3)
+
+
+def test_cli_reports_on_a_visualize_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["visualize", "--layer", "conv1", "--channels", "0-3", "--steps", "2",
+                     "--decompose-steps", "3", "--rectify", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["agreement", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = (out / "agreement.md").read_text()
+    assert printed.startswith(table)
+    assert table.splitlines()[2].startswith("| conv1 |")
+    assert "kernels are direction-selective" in printed
+
+
+def test_cli_names_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert cli.main(["agreement", "--out", str(tmp_path / "nothing")]) == 2
+    assert "is not a `kv3d visualize` run folder" in capsys.readouterr().err

@@ -111,8 +111,13 @@ def _add_maximize(sub) -> None:
     p.add_argument("--rectify", action="store_true", help="maximise the activation after a ReLU")
     p.add_argument("--parameterization", default="pixel", choices=tuple(parameterizations.PARAMETERIZATIONS),
                    help="how the video is represented (default pixel)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="kernels optimised together in one compiled batch (default 8; raise it on a GPU)")
+    p.add_argument("--batch-size", type=int,
+                   help="kernels optimised together in one compiled batch (default: as many as fit in "
+                   "70%% of the memory, from XLA's memory analysis)")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, to split the channels over "
+                   "--num-processes processes (jax.distributed); each writes only its own channels")
+    p.add_argument("--num-processes", type=int, default=1, help="processes sharing the channels (default 1)")
+    p.add_argument("--process-id", type=int, default=0, help="this process's index, 0 … num-processes − 1")
     p.set_defaults(run=_run_maximize)
 
 
@@ -124,6 +129,8 @@ def _run_maximize(args) -> int:
         )
     model = models.get(args.model)
     model.check_layer(args.layer)
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     params = params_io.load(args.weights)
     channels = parse_channels(args.channels, model.num_channels(params, args.layer))
     bar = None
@@ -144,8 +151,9 @@ def _run_maximize(args) -> int:
     videos, objective = np.asarray(result.videos), np.asarray(result.objective)
     for channel, video in zip(result.channels, videos):
         writers.save_gif(f"{args.out}/{writers.kernel_stem(model.name, args.layer, int(channel))}_stage1.gif", video)
+    part = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
     npz = writers.save_npz(
-        f"{args.out}/{model.name}_{args.layer}_stage1.npz", videos=videos, objective=objective,
+        f"{args.out}/{model.name}_{args.layer}_stage1{part}.npz", videos=videos, objective=objective,
         channels=result.channels, model=model.name, layer=args.layer,
     )
     print(f"{len(videos)} kernels of {model.name} {args.layer}: mean objective {objective.mean():.4g}; "

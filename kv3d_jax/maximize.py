@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kv3d_jax import objectives, parameterizations, transforms
+from jax.sharding import Mesh
+
+from kv3d_jax import distribute, objectives, parameterizations, transforms
 from kv3d_jax.models.base import IMAGENET_MEAN, IMAGENET_STD, VideoModel
 
 Params = Any
@@ -133,6 +135,38 @@ def model_input(video: jax.Array, jitter: transforms.Jitter | None, resize, mean
     return transforms.normalize(video, mean, std)
 
 
+def objective_value(
+    model: VideoModel,
+    layer: str,
+    objective: str = "channel",
+    rectify: bool = False,
+    compute_dtype=jnp.float32,
+) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
+    """``value(model_params, x, target) -> ()``: ``objective`` of one model input ``x`` ``(T, H, W, 3)``.
+
+    An objective that reads one combination of the layer's channels (every objective but a
+    rectified weighted sum) is computed from ``model.projected_features``, so a model that
+    supports it computes one output channel of ``layer`` instead of all of them. The model
+    runs in ``compute_dtype`` (its params and input cast to it); the value is float32.
+    """
+    projection = objectives.projection(objective, rectify)
+    objective_fn = objectives.get(objective, rectify)
+    compute_dtype = jnp.dtype(compute_dtype)
+
+    def cast(tree):
+        return jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+    def value(model_params, x, target):
+        model_params, x = cast(model_params), cast(x)[None]
+        if projection is None:
+            return objective_fn(model.features(model_params, x, layer)[0].astype(jnp.float32), target)
+        channels = jax.eval_shape(lambda p, v: model.features(p, v, layer), model_params, x).shape[-1]
+        weights = projection.weights(target, channels).astype(compute_dtype)
+        return projection.reduce(model.projected_features(model_params, x, layer, weights)[0].astype(jnp.float32))
+
+    return value
+
+
 def make_step(
     model: VideoModel,
     layer: str,
@@ -141,6 +175,7 @@ def make_step(
     objective: str = "channel",
     rectify: bool = False,
     penalty: Callable[[Any], jax.Array] | None = None,
+    compute_dtype=jnp.float32,
 ) -> Callable[[Params, State, jax.Array], tuple[State, jax.Array]]:
     """The batched optimisation step ``step(model_params, state, keys) -> (state, objective)``.
 
@@ -151,17 +186,19 @@ def make_step(
     convolutions at compile time) and is never differentiated: no weight gradients are
     computed. Returns the new state and each kernel's objective ``(K,)`` before the step.
     ``penalty(param)``, if given, is a regulariser added to the minimised ``-objective``.
+    ``compute_dtype`` is the model's, as in :func:`objective_value`; the parameter and Adam's
+    state stay float32.
     """
     model.check_layer(layer)
     to_video = parameterizations.get(parameterization).to_video
-    objective_fn = objectives.get(objective, rectify)
+    value_fn = objective_value(model, layer, objective, rectify, compute_dtype)
     optimizer = _optimizer(preset.learning_rate)
     mean, std = _mean_std(model, preset)
 
     def loss(param, model_params, key, target):
         jitter = transforms.random_jitter(key, preset.max_shift, preset.scales)
         x = model_input(to_video(param), jitter, preset.resize, mean, std)
-        value = objective_fn(model.features(model_params, x[None], layer)[0], target)
+        value = value_fn(model_params, x, target)
         return (-value if penalty is None else penalty(param) - value), value
 
     def kernel_step(model_params, param, opt_state, key, target):
@@ -198,12 +235,12 @@ def kernel_keys(key: jax.Array, ids) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model, layer, preset, parameterization, objective, rectify, chunk):
+def _compiled(model, layer, preset, parameterization, objective, rectify, chunk, compute_dtype):
     """Jitted ``run(model_params, state, run_keys, start)`` (``chunk`` steps) and
     ``evaluate(model_params, param, target) -> (videos, objective)``, cached per configuration."""
-    step = make_step(model, layer, preset, parameterization, objective, rectify)
+    step = make_step(model, layer, preset, parameterization, objective, rectify, compute_dtype=compute_dtype)
     to_video = parameterizations.get(parameterization).to_video
-    objective_fn = objectives.get(objective, rectify)
+    value_fn = objective_value(model, layer, objective, rectify, compute_dtype)
     mean, std = _mean_std(model, preset)
 
     def run(model_params, state, run_keys, start):
@@ -215,8 +252,7 @@ def _compiled(model, layer, preset, parameterization, objective, rectify, chunk)
 
     def evaluate_one(model_params, param, target):
         video = to_video(param)
-        x = model_input(video, None, preset.resize, mean, std)
-        return video, objective_fn(model.features(model_params, x[None], layer)[0], target)
+        return video, value_fn(model_params, model_input(video, None, preset.resize, mean, std), target)
 
     evaluate = jax.vmap(evaluate_one, in_axes=(None, 0, 0))
     return jax.jit(run), jax.jit(evaluate)
@@ -269,6 +305,9 @@ def maximize(
     batch_size: int | None = None,
     chunk: int = 50,
     callback: Callable[[int, int, float], None] | None = None,
+    mesh: Mesh | None = None,
+    memory_budget: int | None = None,
+    compute_dtype=jnp.float32,
 ) -> Stage1Result:
     """Optimises the video that maximises ``objective`` for each kernel of ``layer`` (SPEC §2).
 
@@ -286,11 +325,24 @@ def maximize(
       rectify: apply the objective to ``relu(activation)``.
       weights: ``(K, C)`` channel weights, one row per kernel, for ``"weighted"``.
       shape: overrides the preset's video ``(T, H, W)``.
-      batch_size: kernels optimised together per compiled batch (default: all); the
-        last batch is padded so every batch has the same compiled shape.
+      batch_size: kernels optimised together per compiled batch (default: as many as fit
+        ``memory_budget``); rounded up to a multiple of the mesh's devices. The last batch
+        is padded so every batch has the same compiled shape.
       chunk: at most this many steps per compiled call (a divisor of ``steps``).
       callback: called after each chunk with ``(steps_done, steps_total, mean_objective)``,
         counting the steps of every batch.
+      mesh: a 1-D mesh with axis ``"kernels"`` of this process's devices
+        (:func:`kv3d_jax.distribute.kernel_mesh`, the default: all of them); each batch's
+        kernels are split over it, the model params replicated.
+      memory_budget: bytes per device a batch may use when ``batch_size`` is None (default:
+        70 % of an accelerator's memory, or of the host's memory shared by its CPU devices);
+        the batch size follows from XLA's memory analysis of the compiled step.
+      compute_dtype: the dtype the model runs in (e.g. ``jnp.bfloat16``); the optimised
+        parameter, Adam's state and the reported objective stay float32.
+
+    With several processes (``jax.distributed.initialize``), each process optimises its own
+    share of the kernels (:func:`kv3d_jax.distribute.process_share`) and returns only those;
+    ``result.channels`` says which.
 
     Returns:
       A :class:`Stage1Result`. Warns when the objective averages a channel that is linear
@@ -338,29 +390,53 @@ def maximize(
             stacklevel=2,
         )
 
+    mesh = distribute.check_mesh(mesh)
+    share = distribute.process_share(np.arange(len(ids)))
+    ids, target = ids[share], target[share]
     k = len(ids)
-    batch = k if batch_size is None else min(batch_size, k)
+    if k == 0:
+        return Stage1Result(videos=jnp.zeros((0, *shape, 3)), objective=jnp.zeros((0,)), channels=ids,
+                            layer=layer, linear=linear)
     n = _chunk_length(steps, chunk)
-    run, evaluate = _compiled(model, layer, preset, parameterization, objective, rectify, n)
+    run, evaluate = _compiled(model, layer, preset, parameterization, objective, rectify, n,
+                              jnp.dtype(compute_dtype))
     init_keys, run_keys = kernel_keys(key, ids)
+    new_state = functools.partial(init_state, shape=shape, parameterization=parameterization,
+                                  learning_rate=preset.learning_rate)
+    if batch_size is None:
+        devices = mesh.devices.size
+
+        def compile_for(per_device: int):
+            index = np.zeros(per_device * devices, dtype=np.int64)
+            state = jax.eval_shape(new_state, init_keys[index], target[index])
+            return run.lower(distribute.replicated_shapes(params, mesh), distribute.kernel_shapes(state, mesh),
+                             distribute.kernel_shapes(run_keys[index], mesh),
+                             jax.ShapeDtypeStruct((), jnp.uint32)).compile()
+
+        budget = distribute.device_memory_budget(mesh) if memory_budget is None else memory_budget
+        batch = devices * distribute.kernels_per_device(compile_for, budget, -(-k // devices))
+    else:
+        batch = distribute.padded_batch(min(batch_size, k), mesh)
+    params = distribute.replicate(params, mesh)
     total, done = steps * (-(-k // batch)), 0
     videos, values = [], []
     for lo in range(0, k, batch):
         # Pad the last batch with copies of its last kernel: one compiled shape for all.
         index = np.minimum(np.arange(lo, lo + batch), k - 1)
         keep = min(batch, k - lo)
-        state = init_state(init_keys[index], target[index], shape, parameterization, preset.learning_rate)
+        state = distribute.shard_kernels(new_state(init_keys[index], target[index]), mesh)
+        keys = distribute.shard_kernels(run_keys[index], mesh)
         for start in range(0, steps, n):
-            state, metrics = run(params, state, run_keys[index], jnp.uint32(start))
+            state, metrics = run(params, state, keys, jnp.uint32(start))
             done += n
             if callback is not None:
                 callback(done, total, float(jnp.mean(metrics[-1, :keep])))
         video, value = evaluate(params, state.param, state.target)
-        videos.append(video[:keep])
-        values.append(value[:keep])
+        videos.append(np.asarray(minmax_normalize(video))[:keep])
+        values.append(np.asarray(value)[:keep])
     return Stage1Result(
-        videos=minmax_normalize(jnp.concatenate(videos)),
-        objective=jnp.concatenate(values),
+        videos=jnp.asarray(np.concatenate(videos)),
+        objective=jnp.asarray(np.concatenate(values)),
         channels=ids,
         layer=layer,
         linear=linear,

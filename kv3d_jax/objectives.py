@@ -8,7 +8,7 @@ for ``weighted``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +49,44 @@ def get(name: str, rectify: bool = False) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid objectives are: {', '.join(OBJECTIVES)}")
     return rectified(OBJECTIVES[name]) if rectify else OBJECTIVES[name]
+
+
+class Projection(NamedTuple):
+    """An objective that reads one combination of the layer's channels, ``act @ weights``.
+
+    ``weights(target, num_channels) -> (C,)`` and ``reduce(projected) -> scalar`` for the
+    projected activation ``(T', H', W')``; then ``objective(act, target) ==
+    reduce(act @ weights(target, C))``, and a model can compute that one combination of its
+    channels instead of all ``C`` (:meth:`kv3d_jax.models.VideoModel.projected_features`).
+    """
+
+    weights: Callable[[jax.Array, int], jax.Array]
+    reduce: Callable[[jax.Array], jax.Array]
+
+
+def _one_hot(target: jax.Array, num_channels: int) -> jax.Array:
+    return jax.nn.one_hot(target, num_channels, dtype=jnp.float32)
+
+
+def _centre(projected: jax.Array) -> jax.Array:
+    t, h, w = projected.shape
+    return projected[t // 2, h // 2, w // 2]
+
+
+PROJECTIONS: dict[str, Projection] = {
+    "channel": Projection(_one_hot, jnp.mean),
+    "neuron": Projection(_one_hot, _centre),
+    "weighted": Projection(lambda target, num_channels: target, jnp.mean),
+}
+
+
+def projection(name: str, rectify: bool = False) -> Projection | None:
+    """The objective ``name`` as a :class:`Projection`, or None where no single projection
+    determines it: a rectified weighted sum needs every channel, since the ReLU acts before the sum."""
+    get(name)
+    if not rectify:
+        return PROJECTIONS[name]
+    if name == "weighted":
+        return None
+    weights, reduce = PROJECTIONS[name]
+    return Projection(weights, lambda projected: reduce(jax.nn.relu(projected)))

@@ -35,6 +35,9 @@ class VideoModel:
       mean, std: the model's native per-channel input normalisation (RGB).
       linear_layers: layers whose activation is an affine function of the
         model input (so a channel-mean objective has a flat-colour optimum).
+      apply_projected: optional ``apply_projected(params, video, upto, weights) ->
+        (N, T', H', W')``, the activation of ``upto`` projected onto channel weights
+        ``(C,)``, computing one channel's worth of that layer instead of ``C``.
     """
 
     name: str
@@ -44,6 +47,7 @@ class VideoModel:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     linear_layers: frozenset[str] = frozenset()
+    apply_projected: Callable[[Params, jax.Array, str, jax.Array], jax.Array] | None = None
 
     def check_layer(self, layer: str) -> str:
         """Returns ``layer`` if the model has it, else raises naming the valid ones."""
@@ -57,6 +61,16 @@ class VideoModel:
     def features(self, params: Params, video: jax.Array, upto: str) -> jax.Array:
         """Activation of layer ``upto`` for ``video`` ``(N, T, H, W, 3)``: ``(N, T', H', W', C)``."""
         return self.apply(params, video, self.check_layer(upto))
+
+    def projected_features(self, params: Params, video: jax.Array, upto: str, weights: jax.Array) -> jax.Array:
+        """``features(params, video, upto) @ weights`` for channel weights ``(C,)``: ``(N, T', H', W')``.
+
+        Objectives that read one channel, or one fixed combination of channels, need only
+        this; models with ``apply_projected`` then compute a single output channel of ``upto``.
+        """
+        if self.apply_projected is None:
+            return self.features(params, video, upto) @ weights
+        return self.apply_projected(params, video, self.check_layer(upto), weights)
 
     def output_shape(self, params: Params, layer: str, input_shape=None) -> tuple[int, ...]:
         """Shape ``(T', H', W', C)`` of ``layer``'s activation for one clip, without computing it."""

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from kv3d_jax.models.base import VideoModel
+from kv3d_jax.models.layers import Conv3d, max_pool3d
 
 CONV_LAYERS = ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
 CONV_CHANNELS = {"conv1": 64, "conv2": 128, "conv3a": 256, "conv3b": 256,
@@ -18,21 +19,24 @@ _POOL_AFTER = {"conv1": (1, 2, 2), "conv2": (2, 2, 2), "conv3b": (2, 2, 2), "con
 class C3D(nn.Module):
     """C3D's convolutional trunk.
 
-    ``__call__(x, upto)`` takes ``x`` ``(N, 16, 112, 112, 3)`` (any T, H, W works)
-    and returns the output of conv layer ``upto`` *before* its ReLU, which is what a
-    forward hook on ``c3d-pytorch``'s ``convN`` module sees.
+    ``__call__(x, upto, project=None)`` takes ``x`` ``(N, 16, 112, 112, 3)`` (any T, H, W
+    works) and returns the output of conv layer ``upto`` *before* its ReLU, which is what a
+    forward hook on ``c3d-pytorch``'s ``convN`` module sees; with ``project`` ``(C,)`` only
+    that output's projection ``@ project``, ``(N, T', H', W', 1)``.
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array, upto: str) -> jax.Array:
+    def __call__(self, x: jax.Array, upto: str, project: jax.Array | None = None) -> jax.Array:
         for name in CONV_LAYERS:
-            x = nn.Conv(CONV_CHANNELS[name], (3, 3, 3), padding=((1, 1),) * 3, name=name)(x)
+            conv = Conv3d(CONV_CHANNELS[name], (3, 3, 3), padding=((1, 1),) * 3, name=name)
             if name == upto:
-                return x
-            x = nn.relu(x)
+                return conv(x, project)
+            x = conv(x)
+            # Max-pooling commutes with the ReLU; pooling first rectifies a quarter or an eighth as much.
             if name in _POOL_AFTER:
                 window = _POOL_AFTER[name]
-                x = nn.max_pool(x, window, strides=window)
+                x = max_pool3d(x, window, window)
+            x = nn.relu(x)
         raise ValueError(f"C3D has no conv layer {upto!r}; valid layers are: {', '.join(CONV_LAYERS)}")
 
 
@@ -46,6 +50,7 @@ def model() -> VideoModel:
     return VideoModel(
         name="c3d",
         apply=lambda params, video, upto: module.apply(params, video, upto),
+        apply_projected=lambda params, video, upto, weights: module.apply(params, video, upto, weights)[..., 0],
         layers=CONV_LAYERS,
         input_shape=(16, 112, 112),
         mean=(0.0, 0.0, 0.0),

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kv3d_jax.models.base import VideoModel
+from kv3d_jax.models.layers import Conv3d, max_pool3d
 
 INPUT_SHAPE = (16, 32, 32)  # (T, H, W)
 MEAN = (0.5, 0.5, 0.5)
@@ -41,13 +42,13 @@ class MotionNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, upto: str) -> jax.Array:
         for name, channels in zip(CONV_LAYERS, CHANNELS):
-            x = nn.Conv(channels, (3, 3, 3), padding=((1, 1),) * 3, name=name)(x)
+            x = Conv3d(channels, (3, 3, 3), padding=((1, 1),) * 3, name=name)(x)
             if name == upto:
                 return x
             x = nn.relu(x)
             if name in _POOL_AFTER:
                 window = _POOL_AFTER[name]
-                x = nn.max_pool(x, window, strides=window)
+                x = max_pool3d(x, window, window)
         logits = nn.Dense(NUM_DIRECTIONS, name="fc")(x.mean(axis=(1, 2, 3)))
         if upto == "fc":
             return logits[:, None, None, None, :]

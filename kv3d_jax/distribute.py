@@ -1,0 +1,125 @@
+"""Spreading a layer's kernels over devices, hosts and memory.
+
+Every kernel's problem is independent, so scaling out needs no communication at all:
+
+* within a process, the kernel axis of every batched array is sharded over a 1-D
+  :class:`jax.sharding.Mesh` whose axis is named ``"kernels"`` (model params replicated);
+* across processes (``jax.distributed.initialize``), each process takes its own share of
+  the kernels, optimises it on its own devices and writes its own outputs: nothing is
+  gathered across hosts;
+* within a device, kernels run in batches sized from the compiled program's memory
+  analysis, so a layer of any width fits a memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+KERNELS = "kernels"
+# Of the memory a device has, the share a batch may plan to use: the rest is headroom for
+# the allocator, the host-side copies of results and whatever else the process holds.
+DEFAULT_MEMORY_FRACTION = 0.7
+
+
+def kernel_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis ``"kernels"`` over ``devices`` (default: this process's devices)."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    return Mesh(np.array(devices), (KERNELS,))
+
+
+def check_mesh(mesh: Mesh | None) -> Mesh:
+    """``mesh``, or :func:`kernel_mesh` if None, after checking it can shard kernels in this process."""
+    mesh = kernel_mesh() if mesh is None else mesh
+    if tuple(mesh.axis_names) != (KERNELS,):
+        raise ValueError(f"the mesh must be 1-D with axis {KERNELS!r}, got axes {mesh.axis_names}; "
+                         "build one with kv3d_jax.distribute.kernel_mesh()")
+    local = set(jax.local_devices())
+    if any(d not in local for d in mesh.devices.flat):
+        raise ValueError("the mesh holds devices of other processes; give each process a mesh of its own "
+                         "devices (the default): kernels are split between processes by process_share")
+    return mesh
+
+
+def process_share(ids: np.ndarray) -> np.ndarray:
+    """The kernels of ``ids`` this process optimises: every ``process_count``-th, from its index.
+
+    Strided rather than contiguous, so neighbouring (often similar) channels spread evenly.
+    """
+    return np.asarray(ids)[jax.process_index()::jax.process_count()]
+
+
+def padded_batch(batch: int, mesh: Mesh) -> int:
+    """``batch`` rounded up to a multiple of the mesh's device count."""
+    n = mesh.devices.size
+    return -(-batch // n) * n
+
+
+def shard_kernels(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` with every leaf's leading (kernel) axis split over the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(KERNELS)))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` copied whole to every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def kernel_shapes(tree: Any, mesh: Mesh) -> Any:
+    """``jax.ShapeDtypeStruct`` of every leaf of ``tree``, kernel axis sharded over ``mesh`` (for lowering)."""
+    sharding = NamedSharding(mesh, PartitionSpec(KERNELS))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def replicated_shapes(tree: Any, mesh: Mesh) -> Any:
+    """``jax.ShapeDtypeStruct`` of every leaf of ``tree``, replicated over ``mesh`` (for lowering)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x),
+                                                       sharding=sharding), tree)
+
+
+def _host_memory() -> int:
+    """Physical memory in bytes, or the cgroup (container) limit if that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = Path("/sys/fs/cgroup/memory.max")
+    if limit.exists() and limit.read_text().strip().isdigit():
+        total = min(total, int(limit.read_text()))
+    return total
+
+
+def device_memory_budget(mesh: Mesh, fraction: float = DEFAULT_MEMORY_FRACTION) -> int:
+    """Bytes one device of ``mesh`` may plan for: ``fraction`` of an accelerator's memory, or
+    of the host's memory shared by its CPU devices."""
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(fraction * stats["bytes_limit"])
+    return int(fraction * _host_memory() / mesh.devices.size)
+
+
+def program_bytes(compiled: jax.stages.Compiled) -> int:
+    """Peak bytes per device of a compiled program: arguments, outputs and temporaries (XLA's memory analysis)."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def kernels_per_device(compile_for: Callable[[int], jax.stages.Compiled], budget: int, wanted: int) -> int:
+    """How many kernels one device can run at once within ``budget`` bytes, at most ``wanted``.
+
+    ``compile_for(n)`` compiles the program for ``n`` kernels per device (``jit`` reuses what
+    it compiled). If ``wanted`` kernels do not fit, the program's memory is modelled as
+    ``fixed + n · per_kernel`` from XLA's memory analysis of the programs for one and two kernels.
+    """
+    if program_bytes(compile_for(wanted)) <= budget:
+        return wanted
+    one = program_bytes(compile_for(1))
+    if one > budget:
+        raise MemoryError(f"one kernel needs {one / 2**30:.2f} GiB per device, over the budget of "
+                          f"{budget / 2**30:.2f} GiB; use a smaller shape, compute_dtype=jnp.bfloat16 or a larger memory_budget")
+    per_kernel = max(program_bytes(compile_for(2)) - one, 1)
+    return int(max(1, min(wanted, (budget - (one - per_kernel)) // per_kernel)))

@@ -4,5 +4,6 @@ from kv3d_jax import models
 from kv3d_jax.decompose import decompose
 from kv3d_jax.maximize import maximize
 from kv3d_jax.motion import motion_summary
+from kv3d_jax.refine import refine
 
-__all__ = ["decompose", "maximize", "models", "motion_summary"]
+__all__ = ["decompose", "maximize", "models", "motion_summary", "refine"]

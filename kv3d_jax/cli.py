@@ -18,6 +18,7 @@ from kv3d_jax.maximize import PRESETS, maximize, parse_channels
 from kv3d_jax.models import motionnet
 from kv3d_jax.motion import motion_summary
 from kv3d_jax.progress import ProgressBar
+from kv3d_jax.refine import DEFAULT_STEPS as REFINE_STEPS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,12 +329,16 @@ def _add_visualize(sub) -> None:
     p.add_argument("--seed", type=int, default=job["seed"], help=f"random seed (default {job['seed']})")
     p.add_argument("--rectify", action="store_true", help="maximise each channel after a ReLU (for layers "
                    "whose output is linear in the input, whose optimum is otherwise a flat colour)")
+    p.add_argument("--refine", type=int, nargs="?", const=REFINE_STEPS, default=0, metavar="STEPS",
+                   help="add stage 3: maximise each kernel over the static and displacement of its decomposition "
+                   f"for STEPS steps (default {REFINE_STEPS}); files *_refined_{{video,static,motion,deform}} "
+                   "beside the stage-2 ones")
     p.set_defaults(run=_run_visualize)
 
 
 def _run_visualize(args) -> int:
     settings = pipeline.job_settings(args.model, args.preset, args.steps, args.decompose_steps, args.seed,
-                                     args.rectify)
+                                     args.rectify, args.refine)
     model = models.get(settings.model)
     layers = pipeline.job_layers(model, args.layer, every=args.layers == "all")
     model, params = pipeline.load_model(settings.model, args.weights)

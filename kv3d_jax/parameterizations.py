@@ -2,9 +2,11 @@
 
 A parameterization is a pair of pure functions: ``init(key, shape) -> param`` draws the
 starting parameter pytree for a ``(T, H, W)`` video and ``to_video(param)`` maps it to a
-``(T, H, W, 3)`` video in [0, 1]. Both end in Lucid's colour decorrelation and a sigmoid,
+``(T, H, W, 3)`` video in [0, 1]. Each goes through Lucid's colour decorrelation and a sigmoid,
 so the optimiser works in a space where colour channels are decorrelated and pixel values
-can never leave [0, 1].
+can never leave [0, 1]. ``pixel`` and ``fourier`` describe every frame freely;
+``static_displacement`` is SPEC §3's model, one static image warped by a displacement per
+frame (:mod:`kv3d_jax.refine` optimises it).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from kv3d_jax.maximize import get_preset, maximize, parse_channels
 from kv3d_jax.models import motionnet
 from kv3d_jax.motion import motion_summary, observability
 from kv3d_jax.progress import ProgressBar
+from kv3d_jax.refine import refine
 from kv3d_jax.store import Store, params_checksum
 
 # `kv3d visualize` with no arguments: all 176 channels of the embedded MotionNet's conv layers.
@@ -52,6 +53,8 @@ DEFAULT_JOB = {
 OTHER_MODELS = {"preset": "paper", "decompose_steps": 2000}
 
 SUMMARY = ("objective", "direction_deg", "speed", "psnr")
+# What the refinement adds to a kernel's record, each name prefixed "refined_".
+REFINED = ("video", "static", "displacement", "objective", "direction_deg", "speed")
 # Width (px) of the frame border the motion read-out leaves out (motion.motion_summary's default).
 _BORDER = 2
 
@@ -67,6 +70,8 @@ class Settings:
       decompose_steps: stage-2 optimisation steps.
       seed: the seed every kernel's PRNG keys are derived from.
       rectify: maximise the activation after a ReLU (SPEC §5) rather than the layer's output.
+      refine_steps: steps of the texture-plus-motion refinement (:mod:`kv3d_jax.refine`),
+        started from each decomposition; 0 skips it.
     """
 
     model: str
@@ -75,16 +80,20 @@ class Settings:
     decompose_steps: int
     seed: int
     rectify: bool = False
+    refine_steps: int = 0
 
     def __post_init__(self):
         get_preset(self.preset)
         for name in ("steps", "decompose_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.refine_steps < 0:
+            raise ValueError(f"--refine steps must be at least 1 (or 0 for none), got {self.refine_steps}")
 
 
 def job_settings(model: str | None = None, preset: str | None = None, steps: int | None = None,
-                 decompose_steps: int | None = None, seed: int | None = None, rectify: bool = False) -> Settings:
+                 decompose_steps: int | None = None, seed: int | None = None, rectify: bool = False,
+                 refine_steps: int = 0) -> Settings:
     """:class:`Settings` with every option not given filled in: from :data:`DEFAULT_JOB` for its
     model (and, for ``steps``, its preset), else from :data:`OTHER_MODELS` and the preset."""
     model = model or DEFAULT_JOB["model"]
@@ -94,7 +103,8 @@ def job_settings(model: str | None = None, preset: str | None = None, steps: int
         steps = DEFAULT_JOB["steps"] if default and preset == DEFAULT_JOB["preset"] else get_preset(preset).steps
     if decompose_steps is None:
         decompose_steps = (DEFAULT_JOB if default else OTHER_MODELS)["decompose_steps"]
-    return Settings(model, preset, steps, decompose_steps, DEFAULT_JOB["seed"] if seed is None else seed, rectify)
+    return Settings(model, preset, steps, decompose_steps, DEFAULT_JOB["seed"] if seed is None else seed, rectify,
+                    refine_steps)
 
 
 def job_layers(model, layers: Sequence[str] | None, every: bool = False) -> tuple[str, ...]:
@@ -137,16 +147,18 @@ def video_shape(model, settings: Settings) -> tuple[int, int, int]:
     return tuple(get_preset(settings.preset).shape or model.input_shape)
 
 
-def kernel_schema(shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every (float32) array stored for a kernel with ``(T, H, W)`` videos."""
+def kernel_schema(shape: tuple[int, int, int], refined: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every (float32) array stored for a kernel with ``(T, H, W)`` videos; with
+    ``refined``, also the refinement's (:data:`REFINED`, each prefixed ``refined_``)."""
     t, h, w = shape
-    return {
+    schema = {
         "video": (t, h, w, 3),
         "static": (h, w, 3),
         "displacement": (t, h, w, 2),
         "reconstruction": (t, h, w, 3),
         **{name: () for name in SUMMARY},
     }
+    return {**schema, **{f"refined_{name}": schema[name] for name in REFINED}} if refined else schema
 
 
 def layer_key(seed: int, layer: str) -> jax.Array:
@@ -161,7 +173,8 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: 
 
     Stage 1 folds each channel into ``fold_in(layer key, 1)``; stage 2 gets
     ``fold_in(fold_in(layer key, 2), channel)`` per kernel. ``progress(stage, done, total)``
-    is called as steps finish.
+    is called as steps finish. With ``settings.refine_steps``, the refinement (stage 3) starts
+    from stage 2's result with ``fold_in(layer key, 3)``.
     """
     key = layer_key(settings.seed, layer)
     stage1 = maximize(
@@ -179,6 +192,14 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: 
         "displacement": dec.displacement, "reconstruction": dec.reconstruction,
         "direction_deg": summary.direction_deg, "speed": summary.speed, "psnr": summary.psnr,
     }
+    if settings.refine_steps:
+        refined = refine(model, params, layer, dec, list(channels), steps=settings.refine_steps,
+                         key=jax.random.fold_in(key, 3), preset=settings.preset, rectify=settings.rectify,
+                         callback=None if progress is None else lambda done, total, _: progress(3, done, total))
+        motion = motion_summary(refined, border=_BORDER)
+        arrays.update(refined_video=refined.video, refined_static=refined.static,
+                      refined_displacement=refined.displacement, refined_objective=refined.objective,
+                      refined_direction_deg=motion.direction_deg, refined_speed=motion.speed)
     arrays = {name: np.asarray(value, np.float32) for name, value in arrays.items()}
     return {int(c): {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
 
@@ -195,27 +216,40 @@ def _read_out_support(static, displacement):
     return observability(static, displacement, _BORDER) > 0
 
 
+def refined_media_names(model: str, layer: str, channel: int) -> dict[str, str]:
+    """File names of a kernel's refinement pictures, as :func:`kv3d_jax.writers.save_refinement` names them."""
+    stem = writers.kernel_stem(model, layer, channel)
+    return {kind: f"{stem}_{kind}.{'png' if kind == 'refined_static' else 'gif'}" for kind in writers.REFINEMENT_FILES}
+
+
 def write_media(folder: Path, model: str, layer: str, channel: int, record: dict) -> None:
-    """Writes a kernel's pictures (SPEC §4) into ``folder`` from its ``record``."""
+    """Writes a kernel's pictures (SPEC §4) into ``folder`` from its ``record``, and its
+    refinement's beside them if the record holds one."""
     valid = np.asarray(_read_out_support(record["static"], record["displacement"]))
     written = writers.save_decomposition(folder, writers.kernel_stem(model, layer, channel), record["video"],
                                          record["static"], record["displacement"], record["reconstruction"],
                                          valid=valid)
     names = media_names(model, layer, channel)
+    if "refined_static" in record:
+        valid = np.asarray(_read_out_support(record["refined_static"], record["refined_displacement"]))
+        written.update(writers.save_refinement(folder, writers.kernel_stem(model, layer, channel),
+                                               record["refined_video"], record["refined_static"],
+                                               record["refined_displacement"], valid=valid))
+        names.update(refined_media_names(model, layer, channel))
     if {kind: path.name for kind, path in written.items()} != names:
-        raise RuntimeError(f"writers.save_decomposition named its files {written}, not {names}")
+        raise RuntimeError(f"the writers named their files {written}, not {names}")
 
 
 def _progress_bar(model, layer: str, chunks: int, settings: Settings, log) -> tuple[ProgressBar, Callable]:
-    """A bar over ``chunks`` chunks of both stages' steps, and ``advance(chunk_index)`` → a stage callback."""
-    per_chunk = settings.steps + settings.decompose_steps
+    """A bar over ``chunks`` chunks of every stage's steps, and ``advance(chunk_index)`` → a stage callback."""
+    lengths = (settings.steps, settings.decompose_steps, settings.refine_steps)
+    per_chunk = sum(lengths)
     bar = ProgressBar(chunks * per_chunk, label=f"{model.name} {layer}", stream=log)
 
     def advance(index: int):
         def show(stage: int, done: int, total: int):
-            before = index * per_chunk + (settings.steps if stage == 2 else 0)
-            bar.update(before + done * (settings.steps if stage == 1 else settings.decompose_steps) // total,
-                       stage=stage)
+            before = index * per_chunk + sum(lengths[:stage - 1])
+            bar.update(before + done * lengths[stage - 1] // total, stage=stage)
         return show
 
     return bar, advance
@@ -228,7 +262,7 @@ def sweep_layer(store: Store, model, params, layer: str, channels: Sequence[int]
 
     Files in the layer's folder that are not usable kernel files are reported on ``log``.
     """
-    audit = store.audit(layer, kernel_schema(video_shape(model, settings)))
+    audit = store.audit(layer, kernel_schema(video_shape(model, settings), settings.refine_steps > 0))
     for problem in audit.problems:
         print(f"warning: {problem}", file=log)
     pending = [c for c in channels if c not in audit.done]
@@ -252,13 +286,15 @@ def _mean(values) -> float:
 def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Settings, out: Path) -> gallery.LayerView:
     """Writes ``layer``'s page and figures from the kernels ``store`` holds (re-drawing any missing
     picture from its record); ``wanted``: how many kernels of the layer were asked for."""
-    schema = kernel_schema(video_shape(model, settings))
+    schema = kernel_schema(video_shape(model, settings), settings.refine_steps > 0)
     done = sorted(store.audit(layer, schema).done)
     records = {c: store.read(layer, c, schema) for c in done}
     folder = out / layer
     kernels = []
     for c, r in records.items():
         names = media_names(model.name, layer, c)
+        if settings.refine_steps:
+            names.update(refined_media_names(model.name, layer, c))
         if not all((folder / name).is_file() for name in names.values()):
             write_media(folder, model.name, layer, c, r)
         kernels.append(gallery.KernelView(
@@ -281,7 +317,8 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
     if layer in model.linear_layers and not settings.rectify:
         notes.append(f"{layer}'s output is linear in the input, so the optimum of a channel's mean is a flat colour")
     subtitle = (f"{settings.preset} preset{', rectified' if settings.rectify else ''}, {settings.steps} stage-1 "
-                f"steps, {settings.decompose_steps} decomposition steps, seed {settings.seed}")
+                f"steps, {settings.decompose_steps} decomposition steps"
+                f"{f', {settings.refine_steps} refinement steps' if settings.refine_steps else ''}, seed {settings.seed}")
     page = gallery.write_page(out / f"{layer}.html", gallery.layer_page(f"{title}: {subtitle}", kernels, figures, notes))
     return gallery.LayerView(layer=layer, page=page.name, figures=figures, done=len(done), total=max(wanted, len(done)),
                              mean_psnr=_mean([k.psnr for k in kernels]), mean_speed=_mean([k.speed for k in kernels]))

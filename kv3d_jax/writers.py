@@ -98,3 +98,28 @@ def save_decomposition(out_dir, stem: str, video, static, displacement, reconstr
         "panel": save_gif(out / f"{stem}_panel.gif",
                           render.panel(video, static, velocity, reconstruction, max_speed, valid), fps),
     }
+
+
+REFINEMENT_FILES = ("refined_video", "refined_static", "refined_deform", "refined_motion")
+
+
+def save_refinement(out_dir, stem: str, video, static, displacement, valid=None, fps: float = 8.0) -> dict[str, Path]:
+    """Writes one kernel's texture-plus-motion refinement (:mod:`kv3d_jax.refine`) beside its
+    stage-2 pictures, as ``out_dir/{stem}_{kind}.{gif,png}`` (:data:`REFINEMENT_FILES`).
+
+    Inputs as for :func:`save_decomposition` (``video = warp(static, displacement)``, so there
+    is no separate reconstruction): ``_refined_video.gif``, ``_refined_static.png``,
+    ``_refined_deform.gif`` and ``_refined_motion.gif``, drawn as their stage-2 namesakes.
+    Returns ``{kind: path}``.
+    """
+    velocity = render.smooth_velocity(motion.velocity(np.asarray(displacement, np.float32)), 1.0, valid)
+    max_speed = render.default_max_speed(velocity, valid)
+    colours = render.motion_colours(velocity, max_speed, valid)
+    out = Path(out_dir)
+    return {
+        "refined_video": save_gif(out / f"{stem}_refined_video.gif", video, fps),
+        "refined_static": save_png(out / f"{stem}_refined_static.png", static),
+        "refined_deform": save_gif(out / f"{stem}_refined_deform.gif",
+                                   render.deform_frames(static, velocity, max_speed, valid), fps),
+        "refined_motion": save_gif(out / f"{stem}_refined_motion.gif", render.with_legend(colours), fps),
+    }

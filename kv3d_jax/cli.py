@@ -9,6 +9,7 @@ from pathlib import Path
 import flax
 import imageio.v3 as iio
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import converters
@@ -115,6 +116,8 @@ def _add_maximize(sub) -> None:
     p.add_argument("--batch-size", type=int,
                    help="kernels optimised together in one compiled batch (default: as many as fit in "
                    "70%% of the memory, from XLA's memory analysis)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype the model computes in (default float32; the optimised video stays float32)")
     p.add_argument("--coordinator", help="HOST:PORT of process 0, to split the channels over "
                    "--num-processes processes (jax.distributed); each writes only its own channels")
     p.add_argument("--num-processes", type=int, default=1, help="processes sharing the channels (default 1)")
@@ -145,7 +148,7 @@ def _run_maximize(args) -> int:
         model, params, args.layer, channels, preset=args.preset, steps=args.steps,
         key=jax.random.PRNGKey(args.seed), objective=args.objective,
         parameterization=args.parameterization, rectify=args.rectify,
-        batch_size=args.batch_size, callback=show,
+        batch_size=args.batch_size, callback=show, compute_dtype=jnp.dtype(args.dtype),
     )
     if bar is not None:
         bar.close()

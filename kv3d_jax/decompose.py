@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kv3d_jax import distribute
 from kv3d_jax.warp import gaussian_blur, pixel_grid, sample, warp, warp_batch
 
 
@@ -240,14 +241,17 @@ def _init(video: jax.Array, key: jax.Array, use_key: bool, config: Config):
     return params, normalised, lo, scale
 
 
-@functools.partial(jax.jit, static_argnames=("use_key", "config"))
-def _start(videos, keys, use_key: bool, config: Config):
-    return jax.lax.map(lambda args: _init(*args, use_key=use_key, config=config), (videos, keys))
+@functools.partial(jax.jit, static_argnames=("use_key", "config", "mesh"))
+def _start(videos, keys, use_key: bool, config: Config, mesh):
+    def start(videos, keys):
+        return jax.lax.map(lambda args: _init(*args, use_key=use_key, config=config), (videos, keys))
+
+    return distribute.per_kernel(start, mesh)(videos, keys)
 
 
-@functools.partial(jax.jit, static_argnames=("length", "steps", "config"))
-def _run_chunk(params, state, videos, length: int, steps: int, config: Config):
-    """``length`` Adam steps on every kernel at once.
+@functools.partial(jax.jit, static_argnames=("length", "steps", "config", "mesh"))
+def _run_chunk(params, state, videos, length: int, steps: int, config: Config, mesh):
+    """``length`` Adam steps on every kernel at once, each device on its share of the kernels.
 
     The objective is summed over kernels, so each kernel's gradient is its own; Adam
     is elementwise, so the kernels stay independent problems.
@@ -255,13 +259,16 @@ def _run_chunk(params, state, videos, length: int, steps: int, config: Config):
     optimiser = _optimiser(steps, config)
 
     def step(carry, _):
-        params, state = carry
+        params, state, videos = carry
         grads = jax.grad(lambda p: jnp.sum(_batch_objective(p, videos, config)[0]))(params)
         updates, state = optimiser.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), None
+        return (optax.apply_updates(params, updates), state, videos), None
 
-    (params, state), _ = jax.lax.scan(step, (params, state), None, length=length)
-    return params, state
+    def run(params, state, videos):
+        (params, state, _), _ = jax.lax.scan(step, (params, state, videos), None, length=length)
+        return params, state
+
+    return distribute.per_kernel(run, mesh)(params, state, videos)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -311,6 +318,7 @@ def decompose(
     key: jax.Array | None = None,
     progress: Callable[[int, int], None] | None = None,
     ids=None,
+    mesh=None,
     **config,
 ) -> Decomposition:
     """Decomposes each of ``videos`` ``(K, T, H, W, 3)`` (floats, any range; stage-1
@@ -322,8 +330,10 @@ def decompose(
     key gives video ``k`` the key ``fold_in(key, ids[k])``; ``ids`` ``(K,)`` ints
     default to ``0..K-1`` (pass e.g. channel indices so that a kernel's result does not
     depend on the batch it was in). ``progress(done, steps)`` is called after every
-    compiled chunk. ``config``: overrides of :class:`Config` fields. Each video's result
-    is independent of the others in the batch.
+    compiled chunk. ``mesh``: a 1-D ``"kernels"`` mesh of this process's devices
+    (:func:`kv3d_jax.distribute.kernel_mesh`, the default: all of them) over which the videos
+    are split, each device optimising its own. ``config``: overrides of :class:`Config`
+    fields. Each video's result is independent of the others in the batch.
     """
     try:
         cfg = Config(**config)
@@ -341,20 +351,23 @@ def decompose(
     ids = np.arange(k) if ids is None else np.asarray(ids).reshape(-1)
     if len(ids) != k:
         raise ValueError(f"decompose got {len(ids)} ids for {k} videos; pass one id per video")
+    mesh = distribute.check_mesh(mesh)
     use_key = key is not None
     # Without a key the init takes no randomness; the placeholder keys keep one compiled signature.
     keys = _kernel_keys(key, ids) if use_key else jax.random.split(jax.random.key(0), k)
-    params, normalised, lo, scale = _start(videos, keys, use_key, cfg)
+    (videos, keys), _ = distribute.pad_kernels((videos, keys), mesh)
+    videos, keys = distribute.shard_kernels((videos, keys), mesh)
+    params, normalised, lo, scale = _start(videos, keys, use_key, cfg, mesh)
     state = _optimiser(steps, cfg).init(params)
     done = 0
     while done < steps:
         length = min(cfg.chunk, steps - done)
-        params, state = _run_chunk(params, state, normalised, length, steps, cfg)
+        params, state = _run_chunk(params, state, normalised, length, steps, cfg, mesh)
         done += length
         if progress is not None:
             jax.block_until_ready(params)
             progress(done, steps)
-    return _finish(params, videos, normalised, lo, scale, cfg)
+    return jax.tree.map(lambda x: x[:k], _finish(params, videos, normalised, lo, scale, cfg))
 
 
 __all__ = ["Config", "Decomposition", "decompose", "initial_displacement", "normalise", "objective", "total_variation"]

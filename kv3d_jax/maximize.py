@@ -110,7 +110,8 @@ def _optimizer(learning_rate: float) -> optax.GradientTransformation:
     return optax.adam(learning_rate)
 
 
-def _mean_std(model: VideoModel, preset: Preset):
+def mean_std(model: VideoModel, preset: Preset):
+    """The per-channel ``(mean, std)`` that ``preset`` normalises ``model``'s input with."""
     if preset.normalization == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
     if preset.normalization == "model":
@@ -193,7 +194,7 @@ def make_step(
     to_video = parameterizations.get(parameterization).to_video
     value_fn = objective_value(model, layer, objective, rectify, compute_dtype)
     optimizer = _optimizer(preset.learning_rate)
-    mean, std = _mean_std(model, preset)
+    mean, std = mean_std(model, preset)
 
     def loss(param, model_params, key, target):
         jitter = transforms.random_jitter(key, preset.max_shift, preset.scales)
@@ -241,7 +242,7 @@ def _compiled(model, layer, preset, parameterization, objective, rectify, chunk,
     step = make_step(model, layer, preset, parameterization, objective, rectify, compute_dtype=compute_dtype)
     to_video = parameterizations.get(parameterization).to_video
     value_fn = objective_value(model, layer, objective, rectify, compute_dtype)
-    mean, std = _mean_std(model, preset)
+    mean, std = mean_std(model, preset)
 
     def run(model_params, state, run_keys, start):
         def body(state, i):
@@ -336,7 +337,8 @@ def maximize(
         kernels are split over it, the model params replicated.
       memory_budget: bytes per device a batch may use when ``batch_size`` is None (default:
         70 % of an accelerator's memory, or of the host's memory shared by its CPU devices);
-        the batch size follows from XLA's memory analysis of the compiled step.
+        the batch size follows from XLA's memory analysis of the compiled step, scaled by
+        :func:`kv3d_jax.distribute.analysis_undercount`.
       compute_dtype: the dtype the model runs in (e.g. ``jnp.bfloat16``); the optimised
         parameter, Adam's state and the reported objective stay float32.
 
@@ -414,7 +416,8 @@ def maximize(
                              jax.ShapeDtypeStruct((), jnp.uint32)).compile()
 
         budget = distribute.device_memory_budget(mesh) if memory_budget is None else memory_budget
-        batch = devices * distribute.kernels_per_device(compile_for, budget, -(-k // devices))
+        batch = devices * distribute.kernels_per_device(compile_for, budget, -(-k // devices),
+                                                        distribute.analysis_undercount(mesh))
     else:
         batch = distribute.padded_batch(min(batch_size, k), mesh)
     params = distribute.replicate(params, mesh)

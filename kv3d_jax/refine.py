@@ -35,7 +35,7 @@ from kv3d_jax import objectives, parameterizations
 from kv3d_jax.decompose import Decomposition, total_variation
 from kv3d_jax.maximize import (
     Preset,
-    _mean_std,
+    mean_std,
     get_preset,
     init_state,
     kernel_keys,
@@ -139,7 +139,7 @@ def _compiled(model, layer, preset, objective, rectify, config, chunk):
     step = make_step(model, layer, preset, PARAMETERIZATION, objective, rectify,
                      penalty=functools.partial(penalty, config=config))
     value_fn = objective_value(model, layer, objective, rectify)
-    mean, std = _mean_std(model, preset)
+    mean, std = mean_std(model, preset)
 
     def run(model_params, state, run_keys, start):
         def body(state, i):

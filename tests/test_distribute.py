@@ -71,6 +71,32 @@ def test_sharded_over_8_devices_equals_one_device():
         assert out["objective"][name] <= 1e-5, name
 
 
+def test_decompose_sharded_over_8_devices_equals_one_device():
+    code = """
+        import json
+        import jax, numpy as np
+        from kv3d_jax import decompose, distribute
+        from kv3d_jax.stimuli import translating_texture
+
+        videos = np.stack([translating_texture(np.random.default_rng(k), 6, 16, 16, (0.5 * k - 1, 0.7)) for k in range(5)])
+        run = lambda **kw: decompose(videos, steps=30, key=jax.random.PRNGKey(3), ids=[2, 4, 6, 8, 10], **kw)
+        one, eight = run(mesh=distribute.kernel_mesh(jax.devices()[:1])), run()
+        print(json.dumps({
+            # Each device runs per_kernel's function on its own slice: 16 kernels, 2 per device.
+            "seen": np.asarray(distribute.per_kernel(lambda x: x * 0 + x.shape[0], distribute.kernel_mesh())(
+                np.ones(16))).tolist(),
+            "shapes": [list(a.shape) for a in (eight.static, eight.displacement, eight.reconstruction, eight.psnr)],
+            "difference": {name: float(np.abs(np.asarray(getattr(eight, name)) - np.asarray(getattr(one, name))).max())
+                           for name in ("static", "displacement", "reconstruction", "psnr")},
+        }))
+    """
+    out = json.loads(_finish(_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})))
+    assert out["shapes"] == [[5, 16, 16, 3], [5, 6, 16, 16, 2], [5, 6, 16, 16, 3], [5]]
+    assert out["seen"] == [2.0] * 16
+    for name, difference in out["difference"].items():
+        assert difference <= 1e-5, name
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,15 +159,18 @@ def test_a_memory_budget_splits_the_kernels_into_batches_with_the_same_results()
     two = _step_bytes(model, params, "conv2", preset, 2)
     per_kernel = two - _step_bytes(model, params, "conv2", preset, 1)
     totals = []
-    batched = run(memory_budget=two + per_kernel // 2, callback=lambda done, total, _: totals.append(total))
+    undercount = distribute.analysis_undercount(distribute.kernel_mesh())
+    batched = run(memory_budget=int(undercount * (two + per_kernel // 2)),
+                  callback=lambda done, total, _: totals.append(total))
     assert totals[-1] == 2 * 2  # two batches (2 kernels, then 1 padded), 2 steps each
     np.testing.assert_allclose(batched.videos, whole.videos, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(batched.channels, [1, 2, 5])
     with pytest.raises(MemoryError, match="one kernel needs"):
-        run(memory_budget=per_kernel // 2)
+        run(memory_budget=int(undercount * per_kernel // 2))
 
 
 def test_a_mesh_that_cannot_shard_kernels_is_refused():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
     with pytest.raises(ValueError, match="axis 'kernels'.*kernel_mesh"):
         distribute.check_mesh(mesh)
+

@@ -24,15 +24,19 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-# What a kernel card shows, in order: media kind -> caption.
+# What a kernel card shows, in order: media kind -> caption. The refined kinds exist only for a
+# run with the refinement (stage 3); a card shows the kinds its kernel has.
 MEDIA = {
     "stage1": "optimal video",
     "static": "static texture",
     "motion": "motion",
     "recon": "reconstruction",
+    "refined_video": "refined video",
+    "refined_static": "refined static",
+    "refined_motion": "refined motion",
 }
 # What a kernel card links to: media kind -> link text.
-LINKS = {"panel": "side by side", "deform": "static + motion"}
+LINKS = {"panel": "side by side", "deform": "static + motion", "refined_deform": "refined static + motion"}
 # Sortable summary fields: data attribute -> label.
 FIELDS = {
     "channel": "channel",

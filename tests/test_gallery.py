@@ -12,8 +12,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from kv3d_jax import gallery
 
 
-def _view(channel, direction=90.0, speed=1.0, psnr=30.0, objective=2.0) -> gallery.KernelView:
-    media = {kind: f"b/k{channel}_{kind}.gif" for kind in ("stage1", "static", "motion", "recon", "panel", "deform")}
+STAGE2_KINDS = ("stage1", "static", "motion", "recon", "panel", "deform")
+
+
+def _view(channel, direction=90.0, speed=1.0, psnr=30.0, objective=2.0, kinds=STAGE2_KINDS) -> gallery.KernelView:
+    media = {kind: f"b/k{channel}_{kind}.gif" for kind in kinds}
     return gallery.KernelView(channel, objective, direction, speed, psnr, media)
 
 
@@ -61,7 +64,9 @@ def test_contact_sheet_shows_every_static_with_its_channel():
 
 
 def test_layer_page_has_a_card_per_kernel_with_its_summary_and_pictures():
-    views = [_view(3, direction=90.0), _view(7, direction=30.0, speed=0.5, psnr=math.nan)]
+    # Channel 7 was refined (stage 3): its card shows those pictures too, channel 3's cannot.
+    views = [_view(3, direction=90.0), _view(7, direction=30.0, speed=0.5, psnr=math.nan,
+                                             kinds=(*gallery.MEDIA, *gallery.LINKS))]
     page = gallery.layer_page("tiny <b>", views, {"statics": "b/sheet.png"}, ["a note & more"])
     tags = _Tags(page)
     cards = [a for a in tags.all("article")]
@@ -70,9 +75,12 @@ def test_layer_page_has_a_card_per_kernel_with_its_summary_and_pictures():
     assert "<title>tiny &lt;b&gt;</title>" in page and "a note &amp; more" in page
     assert [g["transform"] for g in tags.all("g")] == ["rotate(-90.0)", "rotate(-30.0)"]  # SVG's y points down
     sources = [img["src"] for img in tags.all("img")]
-    assert sources == ["b/sheet.png"] + [f"b/k{c}_{kind}.gif" for c in (3, 7) for kind in gallery.MEDIA]
+    shown = {3: [k for k in gallery.MEDIA if k in STAGE2_KINDS], 7: list(gallery.MEDIA)}
+    assert len(shown[7]) > len(shown[3])
+    assert sources == ["b/sheet.png"] + [f"b/k{c}_{kind}.gif" for c in (3, 7) for kind in shown[c]]
+    linked = {3: [k for k in gallery.LINKS if k in STAGE2_KINDS], 7: list(gallery.LINKS)}
     assert {a["href"] for a in tags.all("a")} == {"index.html"} | {
-        f"b/k{c}_{kind}.gif" for c in (3, 7) for kind in gallery.LINKS}
+        f"b/k{c}_{kind}.gif" for c in (3, 7) for kind in linked[c]}
     assert "– dB" in page  # an unknown PSNR is shown as a dash
     # Self-contained: nothing but inline scripts and styles, no other origin.
     assert all("src" not in s for s in tags.all("script")) and not tags.all("link")

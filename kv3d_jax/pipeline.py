@@ -35,16 +35,17 @@ from kv3d_jax.refine import refine
 from kv3d_jax.store import Store, params_checksum
 
 # `kv3d visualize` with no arguments: all 176 channels of the embedded MotionNet's conv layers.
-# The step counts are set by measurement to finish in about 5 minutes on 2 CPU cores: with XLA
-# held to one thread on one core the whole job took 330 CPU-s (stage 1 costs about 17 CPU-s per
-# step over the four layers; compilation, the pictures and stage 2 most of the rest), and both
-# stages use both cores. Stage 1's speed sets the budget: re-measure when it changes.
+# The step counts were chosen by measurement: with them conv4's direction-selective channels
+# agree with their drifting-grating tuning to a median 25.8° (`kv3d agreement`; 12 + 100 steps
+# gave 51.5°, 30 + 300 gave 29.7°, 60 + 150 gave 25.1°) and the job takes about 5 minutes on
+# 2 CPU cores (303 s wall, 516 CPU-s, measured idle). Stage 1 dominates: re-measure when its
+# speed changes.
 DEFAULT_JOB = {
     "model": "motionnet",
     "layers": motionnet.CONV_LAYERS,
     "preset": "native",
-    "steps": 12,
-    "decompose_steps": 100,
+    "steps": 40,
+    "decompose_steps": 200,
     "chunk": 16,
     "seed": 0,
     "out": "kv3d_out",

@@ -2,7 +2,8 @@
 
 For the direction-selective channels of each layer of a ``kv3d visualize`` run, the
 direction of the drifting grating a channel prefers (:mod:`kv3d_jax.tuning`) beside the
-dominant direction of the motion in its optimal video (stage 2's read-out).
+dominant direction of the motion in its optimal video (stage 2's read-out), or of its
+refinement's motion (stage 3, for a run made with ``--refine``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from kv3d_jax.store import RUN_FILE, Store, StoreError, params_checksum
 DIRECTIONS = np.arange(16) * 22.5
 SPATIAL_FREQS = (0.05, 0.1, 0.2)  # cycles/px
 TEMPORAL_FREQS = (0.05, 0.1, 0.2)  # cycles/frame
+# Whose dominant direction is compared: stage name -> (kernel record field, table label).
+STAGES = {"stage2": ("direction_deg", "stage-2 dominant"), "refined": ("refined_direction_deg", "refined dominant")}
 
 
 def run_settings(run_dir) -> pipeline.Settings:
@@ -36,11 +39,13 @@ def run_settings(run_dir) -> pipeline.Settings:
         raise StoreError(f"{path} is not a kv3d run record ({type(err).__name__}: {err})") from None
 
 
-def stage2_directions(store: Store, model, layer: str, settings: pipeline.Settings) -> dict[int, float]:
-    """``{channel: dominant direction (deg)}`` of ``layer``'s finished kernels in ``store``."""
-    schema = pipeline.kernel_schema(pipeline.video_shape(model, settings))
+def dominant_directions(store: Store, model, layer: str, settings: pipeline.Settings,
+                        stage: str = "stage2") -> dict[int, float]:
+    """``{channel: dominant direction (deg)}`` of ``layer``'s finished kernels in ``store``, from
+    ``stage`` (a key of :data:`STAGES`)."""
+    schema = pipeline.kernel_schema(pipeline.video_shape(model, settings), settings.refine_steps > 0)
     done = store.audit(layer, schema).done
-    return {c: float(store.read(layer, c, schema)["direction_deg"]) for c in sorted(done)}
+    return {c: float(store.read(layer, c, schema)[STAGES[stage][0]]) for c in sorted(done)}
 
 
 def layer_agreement(model, params, layer: str, stage2: dict[int, float]) -> tuple[list, float]:
@@ -61,19 +66,26 @@ def layer_agreement(model, params, layer: str, stage2: dict[int, float]) -> tupl
     return rows, medians[layer]
 
 
-def report(run_dir, weights=None, layers: Sequence[str] | None = None) -> tuple[list, dict[str, float], int]:
-    """Agreement rows, per-layer medians and kernels compared, for run folder ``run_dir``.
+def report(run_dir, weights=None, layers: Sequence[str] | None = None,
+           stage: str = "stage2") -> tuple[list, dict[str, float], int]:
+    """Agreement rows, per-layer medians and kernels compared, for run folder ``run_dir``,
+    with the dominant directions of ``stage`` (a key of :data:`STAGES`).
 
     The run's model is loaded as ``kv3d visualize`` loads it (``weights`` unless it is the
     embedded default model), and must be the one the run recorded.
     """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid stages are: {', '.join(STAGES)}")
     settings = run_settings(run_dir)
+    if stage == "refined" and not settings.refine_steps:
+        raise ValueError(f"{run_dir} was run without the refinement; run `kv3d visualize --refine` into a new "
+                         "folder to compare refined directions")
     model, params = pipeline.load_model(settings.model, weights)
     config = {**dataclasses.asdict(settings), "video_shape": pipeline.video_shape(model, settings)}
     rows, medians, compared = [], {}, 0
     with Store.open(run_dir, config, params_checksum(params)) as store:
         for layer in layers or [layer for layer in model.layers if layer in store.layers()]:
-            stage2 = stage2_directions(store, model, model.check_layer(layer), settings)
+            stage2 = dominant_directions(store, model, model.check_layer(layer), settings, stage)
             if not stage2:
                 continue
             layer_rows, medians[layer] = layer_agreement(model, params, layer, stage2)
@@ -82,13 +94,13 @@ def report(run_dir, weights=None, layers: Sequence[str] | None = None) -> tuple[
     return rows, medians, compared
 
 
-def markdown(rows, medians: dict[str, float]) -> str:
-    """The per-layer summary and per-channel table as Markdown."""
+def markdown(rows, medians: dict[str, float], stage: str = "stage2") -> str:
+    """The per-layer summary and per-channel table as Markdown (``stage`` names the direction column)."""
     lines = ["| layer | DS channels | median difference (deg) |", "|---|---|---|"]
     for layer, median in medians.items():
         count = sum(row.layer == layer for row in rows)
         lines.append(f"| {layer} | {count} | {median:.1f} |" if count else f"| {layer} | 0 | – |")
-    lines += ["", "| layer | channel | grating-preferred (deg) | DSI | stage-2 dominant (deg) | difference (deg) |",
+    lines += ["", f"| layer | channel | grating-preferred (deg) | DSI | {STAGES[stage][1]} (deg) | difference (deg) |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r.layer} | {r.channel} | {r.grating_deg:.1f} | {r.dsi:.2f} | {r.stage2_deg:.1f} | {r.difference_deg:.1f} |"
               for r in rows]

@@ -357,23 +357,26 @@ def _add_agreement(sub) -> None:
         help="grating-preferred vs stage-2 direction of the direction-selective channels of a run",
         description="For each layer of a `kv3d visualize` run folder: every direction-selective "
         f"channel's (DSI >= {tuning.DS_THRESHOLD}) preferred drifting-grating direction beside the "
-        "dominant direction of its stage-2 motion, and the median angular difference. Writes "
-        "OUT/agreement.md.",
+        "dominant direction of its stage-2 motion (or, with --stage refined, of its refinement's), and "
+        "the median angular difference. Writes OUT/agreement.md (OUT/agreement_refined.md).",
     )
     p.add_argument("--out", default=job["out"], help=f"the run folder (default {job['out']})")
     p.add_argument("--weights", help=f"the run's params file or checkpoint (not needed for {job['model']})")
     p.add_argument("--layer", action="append", help="only this layer (repeatable)")
+    p.add_argument("--stage", default="stage2", choices=tuple(agreement.STAGES),
+                   help="whose motion to compare: stage2 (default) or refined (a run made with --refine)")
     p.set_defaults(run=_run_agreement)
 
 
 def _run_agreement(args) -> int:
-    rows, medians, compared = agreement.report(args.out, args.weights, args.layer)
+    rows, medians, compared = agreement.report(args.out, args.weights, args.layer, args.stage)
     if not compared:
         raise ValueError(f"{args.out} holds no finished kernels yet; run `kv3d visualize --out {args.out}` first")
-    table = agreement.markdown(rows, medians)
-    writers.save_text(f"{args.out}/agreement.md", table)
+    table = agreement.markdown(rows, medians, args.stage)
+    name = "agreement.md" if args.stage == "stage2" else f"agreement_{args.stage}.md"
+    writers.save_text(f"{args.out}/{name}", table)
     print(table, end="")
-    print(f"{len(rows)} of {compared} kernels are direction-selective; table in {args.out}/agreement.md")
+    print(f"{len(rows)} of {compared} kernels are direction-selective; table in {args.out}/{name}")
     return 0
 
 

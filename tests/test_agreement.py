@@ -44,6 +44,21 @@ def test_cli_reports_on_a_visualize_run(tmp_path, capsys):
     assert "kernels are direction-selective" in printed
 
 
+def test_cli_compares_refined_directions_of_a_refined_run(tmp_path, capsys):
+    plain, refined = tmp_path / "plain", tmp_path / "refined"
+    for out, extra in ((plain, []), (refined, ["--refine", "2"])):
+        assert cli.main(["visualize", "--layer", "conv2", "--channels", "0-1", "--steps", "2",
+                         "--decompose-steps", "3", "--out", str(out), *extra]) == 0
+    capsys.readouterr()
+    assert cli.main(["agreement", "--out", str(plain), "--stage", "refined"]) == 2
+    assert "was run without the refinement" in capsys.readouterr().err
+    assert cli.main(["agreement", "--out", str(refined)]) == 0
+    assert cli.main(["agreement", "--out", str(refined), "--stage", "refined"]) == 0
+    table = (refined / "agreement_refined.md").read_text()
+    assert "| refined dominant (deg) |" in table and "stage-2" not in table
+    assert (refined / "agreement.md").is_file()
+
+
 def test_cli_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert cli.main(["agreement", "--out", str(tmp_path / "nothing")]) == 2
     assert "is not a `kv3d visualize` run folder" in capsys.readouterr().err

@@ -15,10 +15,6 @@ from kv3d_jax.motion import psnr
 from kv3d_jax.stimuli import translating_texture, velocity_from_direction
 from kv3d_jax.warp import inside, warp_batch
 
-# The acceptance run uses fewer steps than the default 2000 to fit the test budget
-# (about 35 CPU-seconds); all other settings are the defaults. Motion is already within
-# 1 % / 1 degree here; more steps mostly raise the PSNR of content entering the frame.
-ACCEPTANCE_STEPS = 400
 
 
 def _torch_objective(static, displacement, video, lambda_d, lambda_i, lambda_0):
@@ -62,8 +58,9 @@ def _ground_truth_set():
 
 
 def test_ground_truth_motion_is_recovered():
+    # The acceptance run, at the defaults (2000 steps): about 3 CPU-minutes.
     videos, directions, speeds = _ground_truth_set()
-    result = decompose(videos, steps=ACCEPTANCE_STEPS)
+    result = decompose(videos)
     summary = motion_summary(result, videos)
     got_dir = np.asarray(summary.direction_deg)[:8]
     got_speed = np.asarray(summary.speed)
@@ -74,19 +71,17 @@ def test_ground_truth_motion_is_recovered():
     assert speed_error.max() <= 0.10, got_speed
     assert got_speed[8] < 0.05, got_speed
     # PSNR. Content that enters through the border during the clip (up to 30 px at
-    # 2 px/frame) is in no H×W static image, so the whole-video PSNR is capped: the
-    # exact decomposition (frame 0 moved at the true velocity) reaches only 20-25 dB at
-    # 1-2 px/frame. On the part a static can explain the reconstruction must be good; over
-    # the whole video it must reach 30 dB where little content enters, and explain
-    # clearly more than the exact decomposition everywhere.
+    # 2 px/frame) is in no H×W static image: the exact decomposition (frame 0 moved at the
+    # true velocity) reaches only 20-25 dB at 1-2 px/frame. The decomposition must explain
+    # the whole video to 30 dB, the part a static can explain at all better still.
     whole = np.asarray(summary.psnr)
     explained = np.asarray(psnr(result.reconstruction, videos, where=inside(result.displacement)))
     true_velocity = np.array([velocity_from_direction(d, s) for d, s in zip(directions, speeds)] + [(0.0, 0.0)])
     true_displacement = -np.arange(16)[None, :, None, None, None] * true_velocity[:, None, None, None, :]
     exact = warp_batch(jnp.asarray(videos[:, 0]), jnp.broadcast_to(true_displacement, (9, 16, 64, 64, 2)))
     exact_psnr = np.asarray(psnr(exact, videos))
+    assert whole.min() >= 30.0, whole
     assert explained.min() >= 30.0, explained
-    assert whole[np.append(speeds, 0.0) <= 1.5].min() >= 30.0, whole
     assert (whole[:8] >= exact_psnr[:8] + 3.0).all(), (whole, exact_psnr)
 
 

@@ -35,7 +35,12 @@ def _atomic_write(path: Path, write) -> Path:
 
 
 def save_gif(path, video, fps: float = 8.0) -> Path:
-    """Writes ``video`` ``(T, H, W, 3)`` in [0, 1] as a looping GIF at ``fps`` frames/s."""
+    """Writes ``video`` ``(T, H, W, 3)`` in [0, 1] as a looping GIF at ``fps`` frames/s.
+
+    Pillow's GIF encoder stores a run of identical consecutive frames (after 8-bit rounding)
+    once, with their durations added: it plays the same, but a reader counts fewer frames
+    (e.g. a motion GIF whose velocity field does not change over time).
+    """
     frames = to_uint8(video)
     return _atomic_write(
         Path(path), lambda p: iio.imwrite(p, frames, extension=".gif", duration=1000.0 / fps, loop=0)

@@ -235,6 +235,20 @@ def kernel_keys(key: jax.Array, ids) -> tuple[jax.Array, jax.Array]:
     return split[:, 0], split[:, 1]
 
 
+def scan_steps(step: Callable, chunk: int) -> Callable:
+    """``run(model_params, state, run_keys, start) -> (state, objectives (chunk, K))``: ``chunk``
+    applications of :func:`make_step`'s ``step``, step ``i`` (counted from ``start``) with each
+    kernel's key ``fold_in(run_key, i)``."""
+    def run(model_params, state, run_keys, start):
+        def body(state, i):
+            keys = jax.vmap(jax.random.fold_in, (0, None))(run_keys, i)
+            return step(model_params, state, keys)
+
+        return jax.lax.scan(body, state, start + jnp.arange(chunk, dtype=jnp.uint32))
+
+    return run
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(model, layer, preset, parameterization, objective, rectify, chunk, compute_dtype):
     """Jitted ``run(model_params, state, run_keys, start)`` (``chunk`` steps) and
@@ -244,19 +258,12 @@ def _compiled(model, layer, preset, parameterization, objective, rectify, chunk,
     value_fn = objective_value(model, layer, objective, rectify, compute_dtype)
     mean, std = mean_std(model, preset)
 
-    def run(model_params, state, run_keys, start):
-        def body(state, i):
-            keys = jax.vmap(jax.random.fold_in, (0, None))(run_keys, i)
-            return step(model_params, state, keys)
-
-        return jax.lax.scan(body, state, start + jnp.arange(chunk, dtype=jnp.uint32))
-
     def evaluate_one(model_params, param, target):
         video = to_video(param)
         return video, value_fn(model_params, model_input(video, None, preset.resize, mean, std), target)
 
     evaluate = jax.vmap(evaluate_one, in_axes=(None, 0, 0))
-    return jax.jit(run), jax.jit(evaluate)
+    return jax.jit(scan_steps(step, chunk)), jax.jit(evaluate)
 
 
 def _chunk_length(steps: int, chunk: int) -> int:

@@ -43,6 +43,7 @@ from kv3d_jax.maximize import (
     minmax_normalize,
     model_input,
     objective_value,
+    scan_steps,
 )
 from kv3d_jax.models.base import Params, VideoModel
 from kv3d_jax.warp import warp_batch
@@ -141,13 +142,6 @@ def _compiled(model, layer, preset, objective, rectify, config, chunk):
     value_fn = objective_value(model, layer, objective, rectify)
     mean, std = mean_std(model, preset)
 
-    def run(model_params, state, run_keys, start):
-        def body(state, i):
-            keys = jax.vmap(jax.random.fold_in, (0, None))(run_keys, i)
-            return step(model_params, state, keys)
-
-        return jax.lax.scan(body, state, start + jnp.arange(chunk, dtype=jnp.uint32))
-
     def evaluate_one(model_params, param, target):
         video = parameterizations.static_displacement_to_video(param)
         value = value_fn(model_params, model_input(video, None, preset.resize, mean, std), target)
@@ -155,7 +149,7 @@ def _compiled(model, layer, preset, objective, rectify, config, chunk):
         terms["total"] = penalty(param, config) - value
         return parameterizations.to_valid_rgb(param["static"]), value, terms
 
-    return jax.jit(run), jax.jit(jax.vmap(evaluate_one, in_axes=(None, 0, 0)))
+    return jax.jit(scan_steps(step, chunk)), jax.jit(jax.vmap(evaluate_one, in_axes=(None, 0, 0)))
 
 
 def _chunk_length(steps: int, chunk: int) -> int:

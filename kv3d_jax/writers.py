@@ -67,6 +67,14 @@ def save_png(path, image) -> Path:
 DECOMPOSITION_FILES = ("stage1", "static", "deform", "motion", "recon", "panel")
 
 
+def _motion_pictures(displacement, valid):
+    """Velocity ``(T-1, H, W, 2)`` px/frame smoothed over 1 px, its brightness scale (px/frame)
+    and its colour frames, as every motion picture of a kernel draws them."""
+    velocity = render.smooth_velocity(motion.velocity(np.asarray(displacement, np.float32)), 1.0, valid)
+    max_speed = render.default_max_speed(velocity, valid)
+    return velocity, max_speed, render.motion_colours(velocity, max_speed, valid)
+
+
 def save_decomposition(out_dir, stem: str, video, static, displacement, reconstruction, valid=None,
                        fps: float = 8.0) -> dict[str, Path]:
     """Writes one kernel's stage-2 pictures (SPEC §4) as ``out_dir/{stem}_{kind}.{gif,png}``.
@@ -86,13 +94,10 @@ def save_decomposition(out_dir, stem: str, video, static, displacement, reconstr
 
     Motion is shown smoothed over 1 px (:func:`kv3d_jax.render.smooth_velocity`), all frames
     on one brightness scale (:func:`kv3d_jax.render.default_max_speed`).
-    The GIF encoder merges identical consecutive frames into one shown for their summed
-    time, so a GIF can hold fewer frames than listed (e.g. the motion of a rigid translation).
+    A GIF can hold fewer frames than listed (:func:`save_gif`).
     Returns ``{kind: path}``.
     """
-    velocity = render.smooth_velocity(motion.velocity(np.asarray(displacement, np.float32)), 1.0, valid)
-    max_speed = render.default_max_speed(velocity, valid)
-    colours = render.motion_colours(velocity, max_speed, valid)
+    velocity, max_speed, colours = _motion_pictures(displacement, valid)
     out = Path(out_dir)
     return {
         "stage1": save_gif(out / f"{stem}_stage1.gif", video, fps),
@@ -117,9 +122,7 @@ def save_refinement(out_dir, stem: str, video, static, displacement, valid=None,
     ``_refined_deform.gif`` and ``_refined_motion.gif``, drawn as their stage-2 namesakes.
     Returns ``{kind: path}``.
     """
-    velocity = render.smooth_velocity(motion.velocity(np.asarray(displacement, np.float32)), 1.0, valid)
-    max_speed = render.default_max_speed(velocity, valid)
-    colours = render.motion_colours(velocity, max_speed, valid)
+    velocity, max_speed, colours = _motion_pictures(displacement, valid)
     out = Path(out_dir)
     return {
         "refined_video": save_gif(out / f"{stem}_refined_video.gif", video, fps),

@@ -19,7 +19,7 @@ from kv3d_jax.maximize import PRESETS, maximize, parse_channels
 from kv3d_jax.models import motionnet
 from kv3d_jax.motion import motion_summary
 from kv3d_jax.progress import ProgressBar
-from kv3d_jax.refine import DEFAULT_STEPS as REFINE_STEPS
+from kv3d_jax.refine import DEFAULT_STEPS as REFINE_STEPS, MOTIONS, Config as RefineConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,12 +336,15 @@ def _add_visualize(sub) -> None:
                    help="add stage 3: maximise each kernel over the static and displacement of its decomposition "
                    f"for STEPS steps (default {REFINE_STEPS}); files *_refined_{{video,static,motion,deform}} "
                    "beside the stage-2 ones")
+    p.add_argument("--refine-motion", choices=tuple(MOTIONS), default=RefineConfig.motion,
+                   help=f"what stage 3's motion may be: constant (each pixel at a constant velocity, as in a "
+                   f"drifting grating) or free (any displacement per frame); default {RefineConfig.motion}")
     p.set_defaults(run=_run_visualize)
 
 
 def _run_visualize(args) -> int:
     settings = pipeline.job_settings(args.model, args.preset, args.steps, args.decompose_steps, args.seed,
-                                     args.rectify, args.refine)
+                                     args.rectify, args.refine, args.refine_motion)
     model = models.get(settings.model)
     layers = pipeline.job_layers(model, args.layer, every=args.layers == "all")
     model, params = pipeline.load_model(settings.model, args.weights)

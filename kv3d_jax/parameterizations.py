@@ -6,7 +6,8 @@ starting parameter pytree for a ``(T, H, W)`` video and ``to_video(param)`` maps
 so the optimiser works in a space where colour channels are decorrelated and pixel values
 can never leave [0, 1]. ``pixel`` and ``fourier`` describe every frame freely;
 ``static_displacement`` is SPEC §3's model, one static image warped by a displacement per
-frame (:mod:`kv3d_jax.refine` optimises it).
+frame; ``static_velocity`` is the same model with each pixel's displacement moving at a
+constant velocity (:mod:`kv3d_jax.refine` optimises either).
 """
 
 from __future__ import annotations
@@ -110,10 +111,40 @@ def static_displacement_to_video(param: dict) -> jax.Array:
     return warp(to_valid_rgb(param["static"]), param["displacement"])
 
 
+def constant_velocity(displacement: jax.Array) -> jax.Array:
+    """Least-squares fit of ``D_t`` by ``D_c + (t - t_c) w`` at every pixel: ``(..., T, H, W, 2)`` -> same.
+
+    ``t_c`` is the middle frame. The fit's content velocity ``-w`` (px/frame) is the same in
+    every frame; applying the fit twice changes nothing.
+    """
+    t = displacement.shape[-4]
+    offsets = np.arange(t) - (t - 1) / 2.0
+    # Summed frame by frame in a fixed order rather than as a reduction: XLA may order a
+    # reduction differently for different batch sizes, and where the frames' gradients
+    # nearly cancel, Adam magnifies that rounding into a result that depends on the batch.
+    frames = [displacement[..., s, :, :, :] for s in range(t)]
+    centre = sum(frames[1:], frames[0]) / t
+    slope = sum((o * f for o, f in zip(offsets[1:], frames[1:])), offsets[0] * frames[0])
+    slope = slope / max(float(np.sum(offsets**2)), 1.0)
+    return jnp.stack([centre + o * slope for o in offsets], axis=-4)
+
+
+def static_velocity_to_video(param: dict) -> jax.Array:
+    """``V_t = warp(I, D̄_t)``, ``D̄ = constant_velocity(D)``: a ``"static_displacement"`` parameter
+    whose every pixel moves at a constant velocity, ``(T, H, W, 3)`` in [0, 1].
+
+    Keeping ``D`` per frame and fitting it inside (rather than storing a centre and a
+    velocity) lets the parameter, its initialisation and its regularisers stay those of
+    ``static_displacement``; the video only sees the fit.
+    """
+    return warp(to_valid_rgb(param["static"]), constant_velocity(param["displacement"]))
+
+
 PARAMETERIZATIONS: dict[str, Parameterization] = {
     "pixel": Parameterization(pixel_init, pixel_to_video),
     "fourier": Parameterization(fourier_init, fourier_to_video),
     "static_displacement": Parameterization(static_displacement_init, static_displacement_to_video),
+    "static_velocity": Parameterization(static_displacement_init, static_velocity_to_video),
 }
 
 

@@ -31,7 +31,7 @@ from kv3d_jax.maximize import get_preset, maximize, parse_channels
 from kv3d_jax.models import motionnet
 from kv3d_jax.motion import motion_summary, observability
 from kv3d_jax.progress import ProgressBar
-from kv3d_jax.refine import refine
+from kv3d_jax.refine import MOTIONS, Config as RefineConfig, refine
 from kv3d_jax.store import Store, params_checksum
 
 # `kv3d visualize` with no arguments: all 176 channels of the embedded MotionNet's conv layers.
@@ -73,6 +73,7 @@ class Settings:
       rectify: maximise the activation after a ReLU (SPEC §5) rather than the layer's output.
       refine_steps: steps of the texture-plus-motion refinement (:mod:`kv3d_jax.refine`),
         started from each decomposition; 0 skips it.
+      refine_motion: the motion the refinement may use (:attr:`kv3d_jax.refine.Config.motion`).
     """
 
     model: str
@@ -82,6 +83,7 @@ class Settings:
     seed: int
     rectify: bool = False
     refine_steps: int = 0
+    refine_motion: str = RefineConfig.motion
 
     def __post_init__(self):
         get_preset(self.preset)
@@ -90,11 +92,13 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.refine_steps < 0:
             raise ValueError(f"--refine steps must be at least 1 (or 0 for none), got {self.refine_steps}")
+        if self.refine_motion not in MOTIONS:
+            raise ValueError(f"unknown --refine-motion {self.refine_motion!r}; valid motions are: {', '.join(MOTIONS)}")
 
 
 def job_settings(model: str | None = None, preset: str | None = None, steps: int | None = None,
                  decompose_steps: int | None = None, seed: int | None = None, rectify: bool = False,
-                 refine_steps: int = 0) -> Settings:
+                 refine_steps: int = 0, refine_motion: str = RefineConfig.motion) -> Settings:
     """:class:`Settings` with every option not given filled in: from :data:`DEFAULT_JOB` for its
     model (and, for ``steps``, its preset), else from :data:`OTHER_MODELS` and the preset."""
     model = model or DEFAULT_JOB["model"]
@@ -105,7 +109,7 @@ def job_settings(model: str | None = None, preset: str | None = None, steps: int
     if decompose_steps is None:
         decompose_steps = (DEFAULT_JOB if default else OTHER_MODELS)["decompose_steps"]
     return Settings(model, preset, steps, decompose_steps, DEFAULT_JOB["seed"] if seed is None else seed, rectify,
-                    refine_steps)
+                    refine_steps, refine_motion)
 
 
 def job_layers(model, layers: Sequence[str] | None, every: bool = False) -> tuple[str, ...]:
@@ -196,6 +200,7 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: 
     if settings.refine_steps:
         refined = refine(model, params, layer, dec, list(channels), steps=settings.refine_steps,
                          key=jax.random.fold_in(key, 3), preset=settings.preset, rectify=settings.rectify,
+                         config=RefineConfig(motion=settings.refine_motion),
                          callback=None if progress is None else lambda done, total, _: progress(3, done, total))
         motion = motion_summary(refined, border=_BORDER)
         arrays.update(refined_video=refined.video, refined_static=refined.static,
@@ -317,9 +322,10 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
     notes = [f"{len(done)} of {max(wanted, len(done))} kernels finished"] if len(done) < wanted else []
     if layer in model.linear_layers and not settings.rectify:
         notes.append(f"{layer}'s output is linear in the input, so the optimum of a channel's mean is a flat colour")
+    refined = f", {settings.refine_steps} refinement steps ({settings.refine_motion} motion)" if settings.refine_steps else ""
     subtitle = (f"{settings.preset} preset{', rectified' if settings.rectify else ''}, {settings.steps} stage-1 "
                 f"steps, {settings.decompose_steps} decomposition steps"
-                f"{f', {settings.refine_steps} refinement steps' if settings.refine_steps else ''}, seed {settings.seed}")
+                f"{refined}, seed {settings.seed}")
     page = gallery.write_page(out / f"{layer}.html", gallery.layer_page(f"{title}: {subtitle}", kernels, figures, notes))
     return gallery.LayerView(layer=layer, page=page.name, figures=figures, done=len(done), total=max(wanted, len(done)),
                              mean_psnr=_mean([k.psnr for k in kernels]), mean_speed=_mean([k.speed for k in kernels]))

@@ -1,10 +1,10 @@
 """Texture-plus-motion optimisation: each kernel maximised directly over a static image and its displacements.
 
 Stage 2 explains a stage-1 video as ``V_t = warp(I, D_t)``; it does not ask the kernel. This
-stage closes the loop: the video is *parameterised* as ``V_t = warp(I, D_t)`` (the
-``"static_displacement"`` parameterization, :mod:`kv3d_jax.parameterizations`) and stage 1's
-optimiser (:func:`kv3d_jax.maximize.make_step`: same presets, jitter, resize and objectives)
-maximises the kernel's objective over ``I`` and ``D``, minus SPEC §3's regularisers
+stage closes the loop: the video is *parameterised* as ``V_t = warp(I, D_t)``
+(:mod:`kv3d_jax.parameterizations`) and stage 1's optimiser (:func:`kv3d_jax.maximize.make_step`:
+same presets, jitter, resize and objectives) maximises the kernel's objective over ``I`` and
+``D``, minus SPEC §3's regularisers
 
     λ_D · TV(D) + λ_I · TV(I)        (TV: mean absolute neighbour difference per axis;
                                       D in pixels over time, rows and columns; I in [0, 1]
@@ -18,6 +18,37 @@ decomposition (``static``, ``displacement``, ``reconstruction``, ``psnr``) so th
 
 Weights are in units of the objective (an activation) per unit of TV, so their effect depends
 on the scale of the model's activations: see :class:`Config`.
+
+What the motion may be is :attr:`Config.motion`. By default (``"constant"``, the
+``"static_velocity"`` parameterization) every pixel's displacement changes at a constant
+velocity, as in a drifting grating. ``"free"`` (``"static_displacement"``) lets each frame's
+displacement be anything, which also lets it *resample* ``I`` frame by frame into patterns
+that are not motion; measured, its motion drifts away from the direction the kernel prefers
+in gratings the longer it runs (conv4 below: 26.9° after 50 steps, 33.3° after 200).
+
+On the embedded MotionNet's direction-selective channels, the median angular difference
+between the refined dominant direction and the grating-preferred one (the default job's
+decompositions, 200 refinement steps; ``kv3d visualize --layer conv3 --layer conv4 --refine``
+then ``kv3d agreement --stage refined``):
+
+    ============  =======  ======  ========  ===========================
+    layer (DS)    stage 2  free    constant  constant closer than stage 2
+    ============  =======  ======  ========  ===========================
+    conv3 (64)    39.0°    41.6°   32.1°     43 of 64
+    conv4 (40)    27.0°    33.3°   27.6°     21 of 40
+    both (104)    34.8°    39.7°   31.3°     64 of 104
+    ============  =======  ======  ========  ===========================
+
+Most of ``"constant"``'s gain is the fit itself: the constant-velocity fit of stage 2's
+displacement, before any step, reads 33.3° (conv3) and 28.5° (conv4); the refinement then
+moves it 1.2° and 0.9° closer to the gratings, where ``"free"`` moves away from them.
+
+The price is the objective. On C3D with random weights (``scripts/measure_refine.py c3d``:
+4 channels per layer, 100 steps), ``"free"`` brings every kernel to at least its stage-1
+objective and keeps its direction within a median 3.9° of stage 2's; ``"constant"`` leaves
+some deep kernels well below it (conv5b channel 1: 17 %, conv5a channel 2: 58 %), whose
+stage-1 videos are no rigid motion of one image. Choose ``"free"`` where the objective
+matters more than a motion one can read.
 """
 
 from __future__ import annotations
@@ -48,7 +79,8 @@ from kv3d_jax.maximize import (
 from kv3d_jax.models.base import Params, VideoModel
 from kv3d_jax.warp import warp_batch
 
-PARAMETERIZATION = "static_displacement"
+# Config.motion -> the parameterization that allows it.
+MOTIONS = {"constant": "static_velocity", "free": "static_displacement"}
 # Enough to move a decomposition to the kernel's own optimum on C3D and MotionNet (measured);
 # starting from noise, use the stage-1 preset's steps.
 DEFAULT_STEPS = 200
@@ -66,6 +98,10 @@ class Config:
     Attributes:
       lambda_d: ``λ_D``, weight of ``TV(D)`` with ``D`` in pixels (time, rows, columns).
       lambda_i: ``λ_I``, weight of ``TV(I)`` with ``I`` in [0, 1] (rows, columns).
+      motion: ``"constant"``: each pixel's displacement changes at a constant velocity
+        (the least-squares fit of ``D``, :func:`kv3d_jax.parameterizations.constant_velocity`,
+        is what the video, the regulariser and the result use); ``"free"``: any
+        displacement per frame.
       start_range: a decomposition's static (in [0, 1]) is mapped affinely onto this
         range before it is inverted through the sigmoid: a value of exactly 0 or 1 has
         no finite parameter, and one near them would sit where the sigmoid is flat.
@@ -73,6 +109,7 @@ class Config:
 
     lambda_d: float = 1e-3
     lambda_i: float = 1e-3
+    motion: str = "constant"
     start_range: tuple[float, float] = (0.05, 0.95)
 
 
@@ -89,8 +126,8 @@ class Refinement:
         without jitter), as an activation.
       terms: per-kernel ``(K,)`` values at the end: ``"objective"``, ``"tv_displacement"``,
         ``"tv_static"`` and ``"total"`` (the minimised loss, without jitter).
-      psnr: ``(K,)`` dB of ``video`` against the video it started from (the decomposition's
-        reconstruction): how far the kernel moved it. NaN when started from noise.
+      psnr: ``(K,)`` dB of ``video`` against the decomposition's reconstruction: how far
+        the refinement moved it. NaN when started from noise.
       channels: ``(K,)`` the channel of each kernel.
       layer: the tapped layer.
     """
@@ -112,11 +149,18 @@ class Refinement:
 
 def penalty(param: dict, config: Config = Config()) -> jax.Array:
     """``λ_D TV(D) + λ_I TV(I)`` of one ``"static_displacement"`` parameter (SPEC §3's regularisers)."""
-    return config.lambda_d * _tv_displacement(param) + config.lambda_i * _tv_static(param)
+    return config.lambda_d * _tv_displacement(param, config) + config.lambda_i * _tv_static(param)
 
 
-def _tv_displacement(param: dict) -> jax.Array:
-    return total_variation(param["displacement"], (0, 1, 2))
+def used_displacement(param: dict, config: Config = Config()) -> jax.Array:
+    """The displacement ``(T, H, W, 2)`` px that the video of ``param`` uses under ``config.motion``."""
+    if config.motion == "constant":
+        return parameterizations.constant_velocity(param["displacement"])
+    return param["displacement"]
+
+
+def _tv_displacement(param: dict, config: Config) -> jax.Array:
+    return total_variation(used_displacement(param, config), (0, 1, 2))
 
 
 def _tv_static(param: dict) -> jax.Array:
@@ -136,18 +180,20 @@ def from_decomposition(decomposition: Decomposition, config: Config = Config()) 
 @functools.lru_cache(maxsize=32)
 def _compiled(model, layer, preset, objective, rectify, config, chunk):
     """Jitted ``run(model_params, state, run_keys, start)`` (``chunk`` steps) and
-    ``evaluate(model_params, param, target) -> (static, objective, terms)``."""
-    step = make_step(model, layer, preset, PARAMETERIZATION, objective, rectify,
+    ``evaluate(model_params, param, target) -> (displacement, static, objective, terms)``."""
+    to_video = parameterizations.get(MOTIONS[config.motion]).to_video
+    step = make_step(model, layer, preset, MOTIONS[config.motion], objective, rectify,
                      penalty=functools.partial(penalty, config=config))
     value_fn = objective_value(model, layer, objective, rectify)
     mean, std = mean_std(model, preset)
 
     def evaluate_one(model_params, param, target):
-        video = parameterizations.static_displacement_to_video(param)
+        video = to_video(param)
         value = value_fn(model_params, model_input(video, None, preset.resize, mean, std), target)
-        terms = {"objective": value, "tv_displacement": _tv_displacement(param), "tv_static": _tv_static(param)}
+        terms = {"objective": value, "tv_displacement": _tv_displacement(param, config),
+                 "tv_static": _tv_static(param)}
         terms["total"] = penalty(param, config) - value
-        return parameterizations.to_valid_rgb(param["static"]), value, terms
+        return used_displacement(param, config), parameterizations.to_valid_rgb(param["static"]), value, terms
 
     return jax.jit(scan_steps(step, chunk)), jax.jit(jax.vmap(evaluate_one, in_axes=(None, 0, 0)))
 
@@ -224,6 +270,8 @@ def refine(
     if objective == "weighted":
         raise ValueError("refine takes one channel per kernel: use objective='channel' or 'neuron'")
     objectives.get(objective)
+    if config.motion not in MOTIONS:
+        raise ValueError(f"unknown motion {config.motion!r}; valid motions are: {', '.join(MOTIONS)}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if batch_size is not None and batch_size < 1:
@@ -257,7 +305,7 @@ def refine(
         # Pad the last batch with copies of its last kernel: one compiled shape for all.
         index = np.minimum(np.arange(lo, lo + batch), k - 1)
         keep = min(batch, k - lo)
-        state = init_state(init_keys[index], target[index], shape, PARAMETERIZATION, preset.learning_rate)
+        state = init_state(init_keys[index], target[index], shape, MOTIONS[config.motion], preset.learning_rate)
         if start is not None:
             # Adam's initial state holds no parameter values, so it fits the decomposition's start as well.
             state = state._replace(param=jax.tree.map(lambda leaf: leaf[index], start))
@@ -266,8 +314,7 @@ def refine(
             done += n
             if callback is not None:
                 callback(done, total, float(jnp.mean(metrics[-1, :keep])))
-        outputs.append(jax.tree.map(lambda leaf: leaf[:keep], (state.param["displacement"], *evaluate(
-            params, state.param, state.target))))
+        outputs.append(jax.tree.map(lambda leaf: leaf[:keep], evaluate(params, state.param, state.target)))
     displacement, static, value, terms = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *outputs)
     return _result(static, displacement, value, terms, decomposition, ids, layer)
 
@@ -285,4 +332,5 @@ def _result(static, displacement, value, terms, decomposition, ids, layer) -> Re
                       psnr=psnr, channels=ids, layer=layer)
 
 
-__all__ = ["Config", "DEFAULT_STEPS", "PARAMETERIZATION", "Refinement", "from_decomposition", "penalty", "refine"]
+__all__ = ["Config", "DEFAULT_STEPS", "MOTIONS", "Refinement", "from_decomposition", "penalty", "refine",
+           "used_displacement"]

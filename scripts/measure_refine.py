@@ -2,11 +2,13 @@
 
 * ``c3d``: C3D with random weights, every layer, a few channels (native preset at 8×H×H):
   stage-1 and refined objectives and their ratio, and each kernel's change of dominant
-  direction from the decomposition it started from.
+  direction from the decomposition and from the start (the decomposition's displacement as
+  the default motion allows it: its constant-velocity fit).
 * ``motionnet``: the embedded model's direction-selective channels (up to 16 per layer):
   median angular difference between the grating-preferred direction and the stage-2 and
-  refined dominant directions. (For a whole run, ``kv3d visualize --refine`` then
-  ``kv3d agreement --stage refined`` gives the same comparison for every channel.)
+  refined dominant directions, for each refinement motion (``Config.motion``). (For a whole
+  run, ``kv3d visualize --refine`` then ``kv3d agreement --stage refined`` gives the same
+  comparison for every channel, with the default motion.)
 
 usage: python scripts/measure_refine.py c3d [steps1 dsteps rsteps channels size]
        python scripts/measure_refine.py motionnet [steps1 dsteps rsteps [layers...]]
@@ -23,7 +25,7 @@ from kv3d_jax.decompose import decompose
 from kv3d_jax.maximize import PRESETS, maximize
 from kv3d_jax.models import c3d, motionnet
 from kv3d_jax.motion import motion_summary
-from kv3d_jax.refine import refine
+from kv3d_jax.refine import MOTIONS, Config, refine, used_displacement
 
 
 def c3d_run(steps1=100, dsteps=200, rsteps=100, nch=4, hw=32):
@@ -38,14 +40,18 @@ def c3d_run(steps1=100, dsteps=200, rsteps=100, nch=4, hw=32):
         s1 = maximize(model, params, layer, channels, preset, steps=steps1, rectify=rect)
         dec = decompose(s1.videos, steps=dsteps, ids=channels)
         r = refine(model, params, layer, dec, channels, steps=rsteps, preset=preset, rectify=rect)
-        m0, m1 = motion_summary(dec), motion_summary(r)
+        # The refinement starts from the decomposition's displacement as its motion allows it.
+        start = dec.replace(displacement=jax.vmap(lambda d: used_displacement({"displacement": d}))(dec.displacement))
+        m0, ms, m1 = motion_summary(dec), motion_summary(start), motion_summary(r)
         ratio = np.asarray(r.objective) / np.asarray(s1.objective)
         dd = tuning.angular_difference(m0.direction_deg, m1.direction_deg)
+        ds = tuning.angular_difference(ms.direction_deg, m1.direction_deg)
         print(f"{layer}{' (rectified)' if rect else ''}: {time.time() - t:.0f}s  stage1 {np.round(s1.objective, 3)} "
               f"refined {np.round(r.objective, 3)} ratio {np.round(ratio, 3)} min {ratio.min():.3f}")
-        print(f"   dir stage2 {np.round(m0.direction_deg, 1)} refined {np.round(m1.direction_deg, 1)} "
-              f"change {np.round(dd, 1)}; speed {np.round(m0.speed, 2)} -> {np.round(m1.speed, 2)}; "
-              f"psnr vs start {np.round(r.psnr, 1)}", flush=True)
+        print(f"   dir stage2 {np.round(m0.direction_deg, 1)} start {np.round(ms.direction_deg, 1)} refined "
+              f"{np.round(m1.direction_deg, 1)}; change from stage 2 {np.round(dd, 1)}, from the start {np.round(ds, 1)}; "
+              f"speed {np.round(m0.speed, 2)} -> start {np.round(ms.speed, 2)} -> {np.round(m1.speed, 2)}; "
+              f"psnr vs stage 2 {np.round(r.psnr, 1)}", flush=True)
 
 
 def motionnet_run(steps1=200, dsteps=200, rsteps=200, layers=motionnet.CONV_LAYERS, most=16):
@@ -65,18 +71,22 @@ def motionnet_run(steps1=200, dsteps=200, rsteps=200, layers=motionnet.CONV_LAYE
         rect = layer in model.linear_layers
         s1 = maximize(model, params, layer, ds, "native", steps=steps1, rectify=rect)
         dec = decompose(s1.videos, steps=dsteps, ids=ds)
-        r = refine(model, params, layer, dec, ds, steps=rsteps, preset="native", rectify=rect)
-        m0, m1 = motion_summary(dec), motion_summary(r)
+        m0 = motion_summary(dec)
         d2 = tuning.angular_difference(tun.preferred_deg[ds], m0.direction_deg)
-        d3 = tuning.angular_difference(tun.preferred_deg[ds], m1.direction_deg)
-        print(f"{layer}: {ds.size} DS channels measured, {time.time() - t:.0f}s; objective stage1 {np.mean(s1.objective):.3f} "
-              f"refined {np.mean(r.objective):.3f} (ratio min {np.min(np.asarray(r.objective) / np.asarray(s1.objective)):.3f})")
-        print(f"   median |grating - stage2| {np.nanmedian(d2):.1f} deg, |grating - refined| {np.nanmedian(d3):.1f} deg; "
-              f"within 45: stage2 {np.mean(d2 <= 45):.2f} refined {np.mean(d3 <= 45):.2f}")
-        print(f"   per channel (ch, grating, stage2, refined, speed2, speed3): " + "; ".join(
-            f"{c} {g:.0f} {a:.0f} {b:.0f} {s:.2f} {u:.2f}" for c, g, a, b, s, u in zip(
-                ds, tun.preferred_deg[ds], np.asarray(m0.direction_deg), np.asarray(m1.direction_deg),
-                np.asarray(m0.speed), np.asarray(m1.speed))), flush=True)
+        print(f"{layer}: {ds.size} DS channels measured; median |grating - stage2| {np.nanmedian(d2):.1f} deg")
+        for motion in MOTIONS:
+            r = refine(model, params, layer, dec, ds, steps=rsteps, preset="native", rectify=rect,
+                       config=Config(motion=motion))
+            m1 = motion_summary(r)
+            d3 = tuning.angular_difference(tun.preferred_deg[ds], m1.direction_deg)
+            print(f"   {motion} motion: median |grating - refined| {np.nanmedian(d3):.1f} deg, closer than stage 2 on "
+                  f"{np.sum(d3 < d2)}; within 45: stage2 {np.mean(d2 <= 45):.2f} refined {np.mean(d3 <= 45):.2f}; "
+                  f"objective stage1 {np.mean(s1.objective):.3f} refined {np.mean(r.objective):.3f} "
+                  f"(ratio min {np.min(np.asarray(r.objective) / np.asarray(s1.objective)):.3f}); {time.time() - t:.0f}s")
+            print(f"   per channel (ch, grating, stage2, refined, speed2, speed3): " + "; ".join(
+                f"{c} {g:.0f} {a:.0f} {b:.0f} {s:.2f} {u:.2f}" for c, g, a, b, s, u in zip(
+                    ds, tun.preferred_deg[ds], np.asarray(m0.direction_deg), np.asarray(m1.direction_deg),
+                    np.asarray(m0.speed), np.asarray(m1.speed))), flush=True)
 
 
 if __name__ == "__main__":

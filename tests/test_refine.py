@@ -20,7 +20,8 @@ from kv3d_jax.decompose import Decomposition, decompose
 from kv3d_jax.maximize import PRESETS, maximize
 from kv3d_jax.models import VideoModel, c3d
 from kv3d_jax.motion import motion_summary
-from kv3d_jax.refine import DEFAULT_STEPS, Config, Refinement, from_decomposition, penalty, refine
+from kv3d_jax.refine import (DEFAULT_STEPS, Config, Refinement, from_decomposition, penalty, refine,
+                             used_displacement)
 from kv3d_jax.tuning import angular_difference
 from kv3d_jax.warp import warp_batch
 
@@ -82,6 +83,39 @@ def test_warp_parameterization_and_its_gradients_match_grid_sample():
     np.testing.assert_allclose(np.asarray(grads["displacement"]), d.grad.numpy(), atol=1e-5, rtol=0)
 
 
+def _torch_constant_velocity(d):
+    """Least-squares fit of each pixel's ``D_t`` by ``a + b t``, solved by ``torch.linalg.lstsq``."""
+    t = d.shape[0]
+    design = torch.stack([torch.ones(t), torch.arange(t, dtype=torch.float32)], dim=1)
+    coef = torch.linalg.lstsq(design, d.reshape(t, -1)).solution
+    return (design @ coef).reshape(d.shape)
+
+
+def test_constant_velocity_parameterization_and_its_gradients_match_grid_sample():
+    rng = np.random.default_rng(4)
+    static = rng.standard_normal((9, 12, 3)).astype(np.float32)
+    displacement = (2.5 * rng.standard_normal((6, 9, 12, 2))).astype(np.float32)
+    cotangent = rng.standard_normal((6, 9, 12, 3)).astype(np.float32)
+    d = torch.tensor(displacement, requires_grad=True)
+    fitted = _torch_constant_velocity(d)
+    expected, p, fitted_leaf = _torch_video(static, fitted.detach().numpy())
+    (expected * torch.tensor(cotangent)).sum().backward()
+    fitted.backward(fitted_leaf.grad)  # the chain rule through the fit, back to D
+
+    to_video = parameterizations.get("static_velocity").to_video
+    param = {"static": jnp.asarray(static), "displacement": jnp.asarray(displacement)}
+    grads = jax.jit(jax.grad(lambda q: jnp.sum(to_video(q) * cotangent)))(param)
+    np.testing.assert_allclose(np.asarray(jax.jit(to_video)(param)), expected.detach().numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(grads["static"]), p.grad.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(grads["displacement"]), d.grad.numpy(), atol=1e-5, rtol=0)
+    fit = np.asarray(parameterizations.constant_velocity(jnp.asarray(displacement)))
+    np.testing.assert_allclose(fit, fitted.detach().numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(parameterizations.constant_velocity(jnp.asarray(fit))), fit, atol=1e-5)
+    # One velocity per pixel: every frame-to-frame difference is the same.
+    np.testing.assert_allclose(np.diff(fit, axis=0), np.broadcast_to(np.diff(fit, axis=0)[:1], (5, 9, 12, 2)),
+                               atol=1e-5)
+
+
 def test_penalty_is_the_weighted_total_variation():
     rng = np.random.default_rng(1)
     param = {"static": jnp.asarray(rng.standard_normal((6, 7, 3)), jnp.float32),
@@ -89,9 +123,10 @@ def test_penalty_is_the_weighted_total_variation():
     image = torch.sigmoid(torch.tensor(np.asarray(param["static"])) @ torch.tensor(parameterizations.COLOR_DECORRELATION).T)
     d = torch.tensor(np.asarray(param["displacement"]))
     tv = lambda x, axes: sum(x.diff(dim=a).abs().mean() for a in axes)
-    expected = 0.3 * tv(d, (0, 1, 2)) + 0.7 * tv(image, (0, 1))
-    got = penalty(param, Config(lambda_d=0.3, lambda_i=0.7))
-    np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+    for motion, used in (("free", d), ("constant", _torch_constant_velocity(d))):
+        expected = 0.3 * tv(used, (0, 1, 2)) + 0.7 * tv(image, (0, 1))
+        got = penalty(param, Config(lambda_d=0.3, lambda_i=0.7, motion=motion))
+        np.testing.assert_allclose(float(got), float(expected), rtol=1e-5, err_msg=motion)
 
 
 def _translating(k: int, shape=SMALL) -> Decomposition:
@@ -154,6 +189,9 @@ def test_refinement_reads_like_a_decomposition(tmp_path):
     np.testing.assert_allclose(np.asarray(result.static).max(axis=(1, 2, 3)), 1.0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(result.reconstruction),
                                np.asarray(warp_batch(result.static, result.displacement)), atol=1e-6)
+    # The default motion: one velocity per pixel, the same in every frame.
+    u = np.diff(np.asarray(result.displacement), axis=1)
+    np.testing.assert_allclose(u, np.broadcast_to(u[:, :1], u.shape), atol=1e-5)
     summary = motion_summary(result)
     # Two steps barely move a 1 px/frame translation: the read-out still sees it.
     np.testing.assert_allclose(np.asarray(summary.speed), 1.0, atol=0.1)
@@ -169,6 +207,7 @@ def test_refinement_reads_like_a_decomposition(tmp_path):
     (dict(decomposition="videos"), "needs a decomposition with .static"),
     (dict(decomposition=_translating(2).replace(static=jnp.zeros((2, 16, 14, 3)))), "do not match"),
     (dict(objective="weighted"), "one channel per kernel"),
+    (dict(config=Config(motion="rigid")), "unknown motion 'rigid'; valid motions are: constant, free"),
     (dict(steps=0), "steps must be at least 1"),
     (dict(channels=[0, 6]), "b has channels 0..5; got \\[6\\]"),
     (dict(layer="c"), "valid layers are: a, b"),
@@ -190,7 +229,9 @@ def test_refined_c3d_kernels_keep_their_objective_and_their_motion(c3d_params, l
     before, after = np.asarray(start.objective), np.asarray(refined.objective)
     # At least 80 % of the stage-1 objective (and no worse than 1.2 times a negative one).
     assert np.all(after >= before - 0.2 * np.abs(before)), f"{after} vs stage 1 {before}"
-    was, now = motion_summary(dec), motion_summary(refined)
+    # The start: the decomposition's displacement as the default motion allows it (its constant-velocity fit).
+    was = motion_summary(dec.replace(displacement=used_displacement({"displacement": dec.displacement})))
+    now = motion_summary(refined)
     assert np.all(np.asarray(was.speed) >= 0.5), "the start should move, or its direction is the read-out's noise"
     change = angular_difference(np.asarray(was.direction_deg), np.asarray(now.direction_deg))
     assert np.all(change < 45.0), f"directions {was.direction_deg} -> {now.direction_deg}"
@@ -199,14 +240,18 @@ def test_refined_c3d_kernels_keep_their_objective_and_their_motion(c3d_params, l
 def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
     assert build_parser().parse_args(["visualize", "--refine"]).refine == DEFAULT_STEPS
     assert build_parser().parse_args(["visualize", "--refine", "7"]).refine == 7
-    settings = pipeline.Settings(model="tiny", preset="native", steps=4, decompose_steps=4, seed=5, refine_steps=4)
+    assert build_parser().parse_args(["visualize", "--refine-motion", "free"]).refine_motion == "free"
+    assert build_parser().parse_args(["visualize"]).refine_motion == Config().motion
+    # Not the default motion, so that the setting is seen to reach the refinement.
+    settings = pipeline.Settings(model="tiny", preset="native", steps=4, decompose_steps=4, seed=5, refine_steps=4,
+                                 refine_motion="free")
     pipeline.visualize(TINY, TINY_PARAMS, ["b"], "1", tmp_path, settings, chunk=2, log=io.StringIO())
     record = dict(np.load(tmp_path / "kernels" / "b" / "1.npz"))
     # Stage 3 starts from the stored decomposition with the key compute_chunk documents.
     dec = Decomposition(*(jnp.asarray(record[name])[None] for name in ("static", "displacement", "reconstruction")),
                         {}, jnp.zeros((1,)))
     expected = refine(TINY, TINY_PARAMS, "b", dec, [1], steps=4, preset="native",
-                      key=jax.random.fold_in(pipeline.layer_key(5, "b"), 3))
+                      key=jax.random.fold_in(pipeline.layer_key(5, "b"), 3), config=Config(motion="free"))
     for name in ("static", "displacement", "video", "objective"):
         np.testing.assert_allclose(record[f"refined_{name}"], np.asarray(getattr(expected, name))[0], atol=1e-5,
                                    rtol=1e-5, err_msg=name)
@@ -214,12 +259,15 @@ def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
     names = {p.name for p in (tmp_path / "b").iterdir()}
     assert {"tiny_b_1_static.png", "tiny_b_1_refined_static.png", "tiny_b_1_refined_motion.gif",
             "tiny_b_1_refined_video.gif", "tiny_b_1_refined_deform.gif"} <= names
-    assert "4 refinement steps" in (tmp_path / "b.html").read_text()
+    assert "4 refinement steps (free motion)" in (tmp_path / "b.html").read_text()
     with pytest.raises(ValueError, match="--refine steps must be at least 1"):
         dataclasses.replace(settings, refine_steps=-1)
+    with pytest.raises(ValueError, match="unknown --refine-motion 'rigid'; valid motions are: constant, free"):
+        dataclasses.replace(settings, refine_motion="rigid")
 
 
-def test_stage_1_optimises_the_warp_parameterization_too():
+@pytest.mark.parametrize("parameterization", ["static_displacement", "static_velocity"])
+def test_stage_1_optimises_the_warp_parameterizations_too(parameterization):
     run = lambda steps: maximize(TINY, TINY_PARAMS, "b", [3], SMALL_PRESET, steps=steps, chunk=1,
-                                 parameterization="static_displacement")
+                                 parameterization=parameterization)
     assert float(run(8).objective[0]) > float(run(1).objective[0])

@@ -35,13 +35,13 @@ then ``kv3d agreement --stage refined``):
     layer (DS)    stage 2  free    constant  constant closer than stage 2
     ============  =======  ======  ========  ===========================
     conv3 (64)    39.0°    41.6°   32.1°     43 of 64
-    conv4 (40)    27.0°    33.3°   27.6°     21 of 40
-    both (104)    34.8°    39.7°   31.3°     64 of 104
+    conv4 (40)    27.0°    33.3°   27.7°     21 of 40
+    both (104)    34.8°    39.7°   31.5°     64 of 104
     ============  =======  ======  ========  ===========================
 
 Most of ``"constant"``'s gain is the fit itself: the constant-velocity fit of stage 2's
 displacement, before any step, reads 33.3° (conv3) and 28.5° (conv4); the refinement then
-moves it 1.2° and 0.9° closer to the gratings, where ``"free"`` moves away from them.
+moves it 1.2° and 0.8° closer to the gratings, where ``"free"`` moves away from them.
 
 The price is the objective. On C3D with random weights (``scripts/measure_refine.py c3d``:
 4 channels per layer, 100 steps), ``"free"`` brings every kernel to at least its stage-1

@@ -125,7 +125,7 @@ def constant_velocity(displacement: jax.Array) -> jax.Array:
     frames = [displacement[..., s, :, :, :] for s in range(t)]
     centre = sum(frames[1:], frames[0]) / t
     slope = sum((o * f for o, f in zip(offsets[1:], frames[1:])), offsets[0] * frames[0])
-    slope = slope / max(float(np.sum(offsets**2)), 1.0)
+    slope = slope / (float(np.sum(offsets**2)) if t > 1 else 1.0)  # one frame: no velocity
     return jnp.stack([centre + o * slope for o in offsets], axis=-4)
 
 

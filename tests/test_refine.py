@@ -111,6 +111,10 @@ def test_constant_velocity_parameterization_and_its_gradients_match_grid_sample(
     fit = np.asarray(parameterizations.constant_velocity(jnp.asarray(displacement)))
     np.testing.assert_allclose(fit, fitted.detach().numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(parameterizations.constant_velocity(jnp.asarray(fit))), fit, atol=1e-5)
+    # Two frames lie on a line, and one frame has no velocity: both are their own fit.
+    for frames in (2, 1):
+        np.testing.assert_allclose(np.asarray(parameterizations.constant_velocity(jnp.asarray(displacement[:frames]))),
+                                   displacement[:frames], atol=1e-5, rtol=0, err_msg=f"{frames} frames")
     # One velocity per pixel: every frame-to-frame difference is the same.
     np.testing.assert_allclose(np.diff(fit, axis=0), np.broadcast_to(np.diff(fit, axis=0)[:1], (5, 9, 12, 2)),
                                atol=1e-5)

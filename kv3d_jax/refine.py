@@ -148,7 +148,7 @@ class Refinement:
 
 
 def penalty(param: dict, config: Config = Config()) -> jax.Array:
-    """``λ_D TV(D) + λ_I TV(I)`` of one ``"static_displacement"`` parameter (SPEC §3's regularisers)."""
+    """``λ_D TV(D) + λ_I TV(I)`` of one parameter (SPEC §3's regularisers), ``D`` as ``config.motion`` uses it."""
     return config.lambda_d * _tv_displacement(param, config) + config.lambda_i * _tv_static(param)
 
 

@@ -41,7 +41,7 @@ def c3d_run(steps1=100, dsteps=200, rsteps=100, nch=4, hw=32):
         dec = decompose(s1.videos, steps=dsteps, ids=channels)
         r = refine(model, params, layer, dec, channels, steps=rsteps, preset=preset, rectify=rect)
         # The refinement starts from the decomposition's displacement as its motion allows it.
-        start = dec.replace(displacement=jax.vmap(lambda d: used_displacement({"displacement": d}))(dec.displacement))
+        start = dec.replace(displacement=used_displacement({"displacement": dec.displacement}))
         m0, ms, m1 = motion_summary(dec), motion_summary(start), motion_summary(r)
         ratio = np.asarray(r.objective) / np.asarray(s1.objective)
         dd = tuning.angular_difference(m0.direction_deg, m1.direction_deg)

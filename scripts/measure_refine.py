@@ -1,7 +1,9 @@
 """What the refinement (stage 3) does: its objective against stage 1's, and its motion against stage 2's.
 
 * ``c3d``: C3D with random weights, every layer, a few channels (native preset at 8×H×H):
-  stage-1 and refined objectives and their ratio, and each kernel's change of dominant
+  stage-1 and refined objectives and their ratio, per kernel and for the layer (its kernels'
+  objectives summed: a kernel whose stage-1 optimum is negative, one the random weights left
+  dead, has no meaningful ratio of its own), and each kernel's change of dominant
   direction from the decomposition and from the start (the decomposition's displacement as
   the default motion allows it: its constant-velocity fit).
 * ``motionnet``: the embedded model's direction-selective channels (up to 16 per layer):
@@ -25,10 +27,10 @@ from kv3d_jax.decompose import decompose
 from kv3d_jax.maximize import PRESETS, maximize
 from kv3d_jax.models import c3d, motionnet
 from kv3d_jax.motion import motion_summary
-from kv3d_jax.refine import MOTIONS, Config, refine, used_displacement
+from kv3d_jax.refine import DEFAULT_STEPS, MOTIONS, Config, refine, used_displacement
 
 
-def c3d_run(steps1=100, dsteps=200, rsteps=100, nch=4, hw=32):
+def c3d_run(steps1=100, dsteps=200, rsteps=DEFAULT_STEPS, nch=4, hw=32):
     model = models.get("c3d")
     params = jax.jit(c3d.init_params)(jax.random.PRNGKey(0))
     shift = max(1, hw // 16)
@@ -47,14 +49,15 @@ def c3d_run(steps1=100, dsteps=200, rsteps=100, nch=4, hw=32):
         dd = tuning.angular_difference(m0.direction_deg, m1.direction_deg)
         ds = tuning.angular_difference(ms.direction_deg, m1.direction_deg)
         print(f"{layer}{' (rectified)' if rect else ''}: {time.time() - t:.0f}s  stage1 {np.round(s1.objective, 3)} "
-              f"refined {np.round(r.objective, 3)} ratio {np.round(ratio, 3)} min {ratio.min():.3f}")
+              f"refined {np.round(r.objective, 3)} ratio {np.round(ratio, 3)} min {ratio.min():.3f}; layer "
+              f"{np.sum(r.objective) / np.sum(s1.objective):.3f} (summed over its kernels)")
         print(f"   dir stage2 {np.round(m0.direction_deg, 1)} start {np.round(ms.direction_deg, 1)} refined "
               f"{np.round(m1.direction_deg, 1)}; change from stage 2 {np.round(dd, 1)}, from the start {np.round(ds, 1)}; "
               f"speed {np.round(m0.speed, 2)} -> start {np.round(ms.speed, 2)} -> {np.round(m1.speed, 2)}; "
               f"psnr vs stage 2 {np.round(r.psnr, 1)}", flush=True)
 
 
-def motionnet_run(steps1=200, dsteps=200, rsteps=200, layers=motionnet.CONV_LAYERS, most=16):
+def motionnet_run(steps1=200, dsteps=200, rsteps=DEFAULT_STEPS, layers=motionnet.CONV_LAYERS, most=16):
     model, params = motionnet.load_default()
     directions = np.arange(16) * 22.5
     for layer in layers:

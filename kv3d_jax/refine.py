@@ -45,17 +45,18 @@ moves it 1.2° and 1.4° closer to the gratings, where ``"free"`` moves away fro
 
 On C3D with random weights (``scripts/measure_refine.py c3d``: 4 channels per layer, native
 preset at 8×32×32, 100 stage-1 steps), 400 ``"constant"`` steps bring every kernel to at
-least 99 % of its stage-1 objective (conv5b channel 1; every other kernel above it, by 11 %
-or more where it is positive; the layers' summed objectives to 1.2-2.5 times stage 1's). A constant velocity is reached
-slowly: after 100 steps some deep kernels were well below (conv5b channel 1: 17 %, conv5a
-channel 2: 58 %). Each kernel's dominant direction stays within a median 2.3° (at most 34°)
-of its start, the constant-velocity fit of stage 2's displacement. That fit can read a
-long way from stage 2's own direction (median 17°, up to 172° on conv2): these displacements
-are no steady motion (the fit keeps less than half of stage 2's speed for most kernels), and
-their small net drift is weighted differently by the two (every frame alike in stage 2's
-read-out, the middle frames most in the fit's velocity). ``"free"`` brings every kernel above its stage-1
-objective within 100 steps and stays within a median 3.9° of stage 2's direction; choose it
-where the objective matters more than a motion one can read.
+least 99 % of its stage-1 objective (conv5b channel 1; every other kernel ends above it, by
+11 % or more where it is positive; the layers' summed objectives reach 1.2-2.5 times stage
+1's). A constant velocity is reached slowly: after 100 steps some deep kernels were well
+below (conv5b channel 1: 17 %, conv5a channel 2: 58 %). Each kernel's dominant direction
+stays within a median 2.3° (at most 34°) of its start, the constant-velocity fit of stage
+2's displacement. That fit can read a long way from stage 2's own direction (median 17°, up
+to 172° on conv2): these displacements are no steady motion (the fit keeps less than half
+of stage 2's speed for most kernels), and the two weight their small net drift differently
+(every frame alike in stage 2's read-out, the middle frames most in the fit's velocity).
+``"free"`` brings every kernel above its stage-1 objective within 100 steps and stays within
+a median 3.9° of stage 2's direction; choose it where the objective matters more than a
+motion one can read.
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ class Config:
     """Regulariser weights and the start of the refinement.
 
     The default weights keep the regularisers small beside the objective: on C3D (random
-    weights, conv2, 8x32x32) a refinement ends with TV(D) ≈ 6-11 px and TV(I) ≈ 0.4 against
-    an objective of ≈ 90, so they smooth ties rather than trade against the kernel's
-    preference. Raise them for smoother motion and texture at some cost in objective.
+    weights, conv2, 8x32x32) the default refinement ends with TV(D) ≈ 3-5 px and
+    TV(I) ≈ 0.3-0.8 against objectives of 80-220, so they smooth ties rather than trade
+    against the kernel's preference. Raise them for smoother motion and texture at some cost
+    in objective.
 
     Attributes:
       lambda_d: ``λ_D``, weight of ``TV(D)`` with ``D`` in pixels (time, rows, columns).

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -87,8 +87,23 @@ from kv3d_jax.maximize import (
 from kv3d_jax.models.base import Params, VideoModel
 from kv3d_jax.warp import warp_batch
 
-# Config.motion -> the parameterization that allows it.
-MOTIONS = {"constant": "static_velocity", "free": "static_displacement"}
+
+class Motion(NamedTuple):
+    """What a refinement's motion may be.
+
+    Attributes:
+      parameterization: the name of the parameterization whose videos move so.
+      displacement: maps the parameter's ``"displacement"`` ``(T, H, W, 2)`` px to the one
+        its video uses (same shape and units).
+    """
+
+    parameterization: str
+    displacement: Callable[[jax.Array], jax.Array]
+
+
+# Config.motion -> the Motion.
+MOTIONS = {"constant": Motion("static_velocity", parameterizations.constant_velocity),
+           "free": Motion("static_displacement", lambda displacement: displacement)}
 # A constant velocity is reached slowly: on C3D (random weights, 8x32x32) the deepest kernels
 # need about 400 steps to regain their stage-1 objective (conv5b channel 1: 17 % after 100,
 # 48 % after 200, 99 % after 400). Starting from noise, use the stage-1 preset's steps.
@@ -164,9 +179,7 @@ def penalty(param: dict, config: Config = Config()) -> jax.Array:
 
 def used_displacement(param: dict, config: Config = Config()) -> jax.Array:
     """The displacement ``(T, H, W, 2)`` px that the video of ``param`` uses under ``config.motion``."""
-    if config.motion == "constant":
-        return parameterizations.constant_velocity(param["displacement"])
-    return param["displacement"]
+    return MOTIONS[config.motion].displacement(param["displacement"])
 
 
 def _tv_displacement(param: dict, config: Config) -> jax.Array:
@@ -191,8 +204,9 @@ def from_decomposition(decomposition: Decomposition, config: Config = Config()) 
 def _compiled(model, layer, preset, objective, rectify, config, chunk):
     """Jitted ``run(model_params, state, run_keys, start)`` (``chunk`` steps) and
     ``evaluate(model_params, param, target) -> (displacement, static, objective, terms)``."""
-    to_video = parameterizations.get(MOTIONS[config.motion]).to_video
-    step = make_step(model, layer, preset, MOTIONS[config.motion], objective, rectify,
+    parameterization = MOTIONS[config.motion].parameterization
+    to_video = parameterizations.get(parameterization).to_video
+    step = make_step(model, layer, preset, parameterization, objective, rectify,
                      penalty=functools.partial(penalty, config=config))
     value_fn = objective_value(model, layer, objective, rectify)
     mean, std = mean_std(model, preset)
@@ -315,7 +329,8 @@ def refine(
         # Pad the last batch with copies of its last kernel: one compiled shape for all.
         index = np.minimum(np.arange(lo, lo + batch), k - 1)
         keep = min(batch, k - lo)
-        state = init_state(init_keys[index], target[index], shape, MOTIONS[config.motion], preset.learning_rate)
+        state = init_state(init_keys[index], target[index], shape, MOTIONS[config.motion].parameterization,
+                           preset.learning_rate)
         if start is not None:
             # Adam's initial state holds no parameter values, so it fits the decomposition's start as well.
             state = state._replace(param=jax.tree.map(lambda leaf: leaf[index], start))
@@ -342,5 +357,5 @@ def _result(static, displacement, value, terms, decomposition, ids, layer) -> Re
                       psnr=psnr, channels=ids, layer=layer)
 
 
-__all__ = ["Config", "DEFAULT_STEPS", "MOTIONS", "Refinement", "from_decomposition", "penalty", "refine",
+__all__ = ["Config", "DEFAULT_STEPS", "MOTIONS", "Motion", "Refinement", "from_decomposition", "penalty", "refine",
            "used_displacement"]

@@ -267,7 +267,7 @@ def test_legacy_files_of_old_pytorch_versions(tmp_path, storage_class, location,
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"shape": (6,)}, "a tensor of shape (6,) reads element 6 of a 6-element storage"),
+        ({"shape": (6,)}, "tensor 'w': its shape (6,) reads element 6 of a 6-element storage"),
         ({"view": ("view", 4, 3)}, "a view of storage root lies outside it"),
         ({"recorded_numel": 5}, "storage root has 5 elements, its tensors expect 6"),
     ],

@@ -73,10 +73,11 @@ FORMATS = {
     "pickle": "pickle of arrays, e.g. Caffe2/Detectron blobs",
 }
 
-# A state dict takes about 25 opcodes a tensor, a Lightning checkpoint with its optimizer
-# state about 80; a million is far above any real checkpoint and is interpreted in about a second.
-MAX_PICKLE_OPCODES = 1_000_000
+# A state dict takes about 25 opcodes a tensor, a Lightning checkpoint with its Adam state
+# about 80: this is thousands of tensors, and is interpreted in under a second.
+MAX_PICKLE_OPCODES = 500_000
 MAX_NESTING = 100
+MAX_EXPANDED_OBJECTS = 10 * MAX_PICKLE_OPCODES
 MAX_VIEW_FACTOR = 4
 MAX_INFLATION = 16
 # Members this small are never a threat, whatever their compression ratio.
@@ -254,6 +255,7 @@ _CALLABLES = {
 }
 _CLASSES = {"numpy.ndarray": "ndarray", "argparse.Namespace": "Namespace"}
 _HASHABLE = (str, int, float, bytes, type(None))
+_ATOMS = _HASHABLE + (np.ndarray, np.generic)
 
 
 def _ints(value, what: str, minimum: int = 0) -> tuple[int, ...]:
@@ -289,20 +291,21 @@ class _Machine:
         stack: list = []
         marks: list[list] = []
         memo: dict[int, Any] = {}
+        steps = _STEPS
+        left = self._budget[0]
         try:
-            ops = pickletools.genops(self._reader)
-            for opcode, arg, _ in ops:
-                self._budget[0] -= 1
-                if self._budget[0] < 0:
+            for opcode, arg, _ in pickletools.genops(self._reader):
+                left -= 1
+                if left < 0:
                     raise _limit(f"the pickles run more than {MAX_PICKLE_OPCODES:,} opcodes")
-                name = opcode.name
-                if name == "STOP":
-                    if len(stack) != 1 or marks:
-                        raise _corrupt("a pickle ends with a malformed stack")
-                    return stack[0]
-                step = _STEPS.get(name)
+                step = steps.get(opcode.name)
                 if step is None:
-                    raise _corrupt(f"the pickle uses opcode {name}, which no checkpoint needs")
+                    if opcode.name == "STOP":
+                        if len(stack) != 1 or marks:
+                            raise _corrupt("a pickle ends with a malformed stack")
+                        self._budget[0] = left
+                        return stack[0]
+                    raise _corrupt(f"the pickle uses opcode {opcode.name}, which no checkpoint needs")
                 stack = step(self, stack, marks, memo, arg)
         except (IndexError, KeyError):
             raise _corrupt("a pickle opcode finds too few items on the stack or an unknown memo entry") from None
@@ -471,7 +474,14 @@ def _mark(machine, stack, marks, memo, arg):
 
 def _push(value):
     def step(machine, stack, marks, memo, arg):
-        stack.append(value() if callable(value) else value)
+        stack.append(value)
+        return stack
+    return step
+
+
+def _push_new(kind):
+    def step(machine, stack, marks, memo, arg):
+        stack.append(kind())
         return stack
     return step
 
@@ -694,7 +704,7 @@ _STEPS = {
         "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
         "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8")},
     "BYTEARRAY8": _push_bytes,
-    "EMPTY_LIST": _push(list), "EMPTY_DICT": _push(dict), "EMPTY_SET": _push(set),
+    "EMPTY_LIST": _push_new(list), "EMPTY_DICT": _push_new(dict), "EMPTY_SET": _push_new(set),
     "EMPTY_TUPLE": _tuple_n(0), "TUPLE1": _tuple_n(1), "TUPLE2": _tuple_n(2), "TUPLE3": _tuple_n(3),
     "TUPLE": _tuple, "LIST": _list, "DICT": _dict, "FROZENSET": _frozenset,
     "APPEND": _append, "APPENDS": _appends, "SETITEM": _setitem, "SETITEMS": _setitems_step,
@@ -708,31 +718,27 @@ _STEPS = {
 
 
 class _Reader:
-    """``read``, ``readline`` and ``tell`` over a bytes-like object; reads never go past its end."""
+    """``read``, ``readline`` and ``tell`` over bytes or an mmap; reads never go past its end."""
 
-    def __init__(self, data, position: int = 0):
-        self._raw = data
-        self._data = memoryview(data)
-        self.position = position
+    def __init__(self, data):
+        self._data = data
+        self.position = 0
 
     def tell(self) -> int:
         return self.position
 
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else min(self.position + n, len(self._data))
-        chunk = bytes(self._data[self.position:end])
-        self.position = end
+    def read(self, n: int) -> bytes:
+        start = self.position
+        chunk = self._data[start:start + n]
+        self.position = start + len(chunk)
         return chunk
 
     def readline(self) -> bytes:
-        end = self._raw.find(b"\n", self.position, self.position + (1 << 20))
-        return self.read((self.position + (1 << 20) if end < 0 else end + 1) - self.position)
+        end = self._data.find(b"\n", self.position, self.position + (1 << 20))
+        return self.read((1 << 20) if end < 0 else end + 1 - self.position)
 
     def left(self) -> int:
         return len(self._data) - self.position
-
-    def release(self) -> None:
-        self._data.release()
 
 
 class _Storages:
@@ -897,7 +903,7 @@ def _read_zip(path: Path) -> Any:
         storages = _Storages(available)
         budget, counts = _new_budget()
         obj = _load(_Reader(_read_member(archive, infos[pickles[0]])), storages, budget, counts)
-        _resolve(obj, None)
+        _check(obj)
         storages.check_views(counts)
         arrays = {
             key: _decode(_read_member(archive, infos[f"{prefix}data/{key}"]), storage, byteorder)
@@ -926,7 +932,7 @@ def _read_legacy(path: Path) -> Any:
         storages = _Storages(available)
         obj = _load(reader, storages, budget, counts)
         keys = _load(reader, None, budget, counts)
-        _resolve(obj, None)
+        _check(obj)
         if not (isinstance(keys, list) and all(isinstance(k, (str, int)) for k in keys)
                 and sorted(map(str, keys)) == sorted(storages.roots)):
             raise _corrupt("the list of storages does not match the tensors")
@@ -940,7 +946,6 @@ def _read_legacy(path: Path) -> Any:
             arrays[key] = _decode(_take(reader, numel * storage.type.dtype.itemsize), storage, "little")
         return _resolve(obj, arrays)
     finally:
-        reader.release()
         data.close()
 
 
@@ -949,9 +954,10 @@ def _read_pickle(path: Path) -> Any:
     reader = _Reader(data)
     try:
         budget, counts = _new_budget()
-        return _resolve(_load(reader, None, budget, counts), {})
+        obj = _load(reader, None, budget, counts)
+        _check(obj)
+        return _resolve(obj, {})
     finally:
-        reader.release()
         data.close()
 
 
@@ -972,60 +978,86 @@ def _decode(raw: bytes, storage: _Storage, byteorder: str) -> np.ndarray:
     return values if dtype.isnative else values.astype(dtype.newbyteorder("="))
 
 
-def _resolve(obj, arrays: dict[str, np.ndarray] | None):
-    """``obj`` with every placeholder replaced by its array; what the pickle shares stays shared.
+def _check(obj) -> None:
+    """Raises unless every placeholder in ``obj`` can be read, before any storage is.
 
     Each object is visited once (shared ones through a memo), so the work is linear in the
-    pickle; a container nested deeper than :data:`MAX_NESTING` or inside itself, and a
-    refused tensor, raise naming where they are. With ``arrays`` None it only checks that,
-    before any storage is read.
+    pickle. Refused: a refused tensor or array (named by where it is), a container inside
+    itself or nested deeper than :data:`MAX_NESTING`, and an object whose shared references
+    expand to more than :data:`MAX_EXPANDED_OBJECTS` objects (a few hundred bytes of pickle
+    can stand for an exponential tree, which any reader that copies it would build).
     """
-    memo: dict[int, Any] = {}
+    sizes: dict[int, int] = {}
     active: set[int] = set()
 
-    def visit(value, where: tuple):
-        if isinstance(value, _HASHABLE) or isinstance(value, (bool, np.generic, np.ndarray)):
-            return value
+    def visit(value, where: tuple) -> int:
+        if isinstance(value, _ATOMS):
+            return 1
         key = id(value)
-        if key in memo:
-            return memo[key]
+        if key in sizes:
+            return sizes[key]
         if key in active:
             raise _limit(f"the object at {_where(where)} contains itself")
         if len(where) > MAX_NESTING:
             raise _limit(f"the object nests containers more than {MAX_NESTING} deep")
         active.add(key)
-        memo[key] = result = convert(value, where)
-        active.discard(key)
-        return result
-
-    def convert(value, where: tuple):
+        size = 1
         if isinstance(value, _Refused):
             raise _Refusal(value.kind, f"tensor {_where(where)}: {value.reason}")
         if isinstance(value, _Array):
             if value.value is None:
                 raise _corrupt(f"the numpy array at {_where(where)} has no data")
-            return visit(value.value, where)
-        if isinstance(value, (_Tensor, _Storage)) and arrays is None:
-            return None
+            size = visit(value.value, where)
+        elif isinstance(value, dict):
+            size += sum(visit(v, where + (k,)) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            size += sum(visit(v, where + (i,)) for i, v in enumerate(value))
+        elif isinstance(value, (set, frozenset)):
+            size += len(value)
+        elif isinstance(value, _Global):
+            raise _Refusal(UnsafeCheckpointError, f"holds the global {value.name} itself, which kv3d never reads")
+        elif not isinstance(value, (_Tensor, _Storage)):
+            raise _corrupt(f"the object at {_where(where)} is {_short(value)}")
+        active.discard(key)
+        if size > MAX_EXPANDED_OBJECTS:
+            raise _limit(f"the object at {_where(where)} shares references that expand to more than "
+                         f"{MAX_EXPANDED_OBJECTS:,} objects")
+        sizes[key] = size
+        return size
+
+    visit(obj, ())
+
+
+def _resolve(obj, arrays: dict[str, np.ndarray]):
+    """``obj``, checked by :func:`_check`, with every placeholder replaced by its array.
+
+    What the pickle shares stays shared; each object is converted once.
+    """
+    memo: dict[int, Any] = {}
+
+    def visit(value):
+        if isinstance(value, _ATOMS):
+            return value
+        key = id(value)
+        if key not in memo:
+            memo[key] = convert(value)
+        return memo[key]
+
+    def convert(value):
+        if isinstance(value, _Array):
+            return value.value
         if isinstance(value, _Tensor):
             return _tensor(value, arrays)
         if isinstance(value, _Storage):
             return _storage(value, arrays).copy()
         if isinstance(value, dict):
-            kind = (collections.OrderedDict if isinstance(value, collections.OrderedDict)
-                    else dict)
-            return kind((k, visit(v, where + (k,))) for k, v in value.items())
+            kind = collections.OrderedDict if isinstance(value, collections.OrderedDict) else dict
+            return kind((k, visit(v)) for k, v in value.items())
         if isinstance(value, (list, tuple)):
-            return type(value)(visit(v, where + (i,)) for i, v in enumerate(value))
-        if isinstance(value, (set, frozenset)):
-            return value
-        if isinstance(value, _Global):
-            raise _Refusal(UnsafeCheckpointError, f"holds the global {value.name} itself, which kv3d never reads")
-        if isinstance(value, (_DType, _StorageType)):
-            raise _corrupt(f"the object at {_where(where)} is a bare dtype or storage type")
-        raise _corrupt(f"the object at {_where(where)} is {_short(value)}")
+            return type(value)(visit(v) for v in value)
+        return value
 
-    return visit(obj, ())
+    return visit(obj)
 
 
 def _where(where: tuple) -> str:

@@ -24,6 +24,10 @@ class CheckpointMismatchError(CheckpointError):
     """The checkpoint's tensors are not the ones the model's converter expects."""
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """Tensors the model would use hold NaN or infinite values."""
+
+
 def find_state_dict(checkpoint: Any) -> dict[str, np.ndarray]:
     """The flat ``{name: array}`` state dict in ``checkpoint`` (an object from ``read_checkpoint``).
 
@@ -54,10 +58,11 @@ def find_state_dict(checkpoint: Any) -> dict[str, np.ndarray]:
 def matched_state_dict(
     checkpoint: Any, expected: Mapping[str, tuple[int, ...]], model: str
 ) -> dict[str, np.ndarray]:
-    """The state dict in ``checkpoint`` if its names and shapes are exactly ``expected``.
+    """The state dict in ``checkpoint`` if its names and shapes are exactly ``expected`` and its values finite.
 
     Raises :class:`CheckpointMismatchError` naming every missing, unexpected and
-    misshaped tensor otherwise.
+    misshaped tensor, else :class:`NonFiniteWeightsError` naming every tensor that holds
+    a NaN or an infinity (a model computed from them would be NaN wherever they reach).
     """
     state = find_state_dict(checkpoint)
     missing = [k for k in expected if k not in state]
@@ -65,7 +70,22 @@ def matched_state_dict(
     misshaped = [k for k in expected if k in state and state[k].shape != tuple(expected[k])]
     if missing or unexpected or misshaped:
         raise CheckpointMismatchError(_mismatch_message(state, expected, model, missing, unexpected, misshaped))
+    non_finite = [f"{k} ({_count_non_finite(state[k])})" for k in expected if not _all_finite(state[k])]
+    if non_finite:
+        listed = "; ".join(non_finite[:10]) + (f"; and {len(non_finite) - 10} more" if len(non_finite) > 10 else "")
+        raise NonFiniteWeightsError(
+            f"{len(non_finite)} tensor{'s' if len(non_finite) > 1 else ''} of {model} hold non-finite "
+            f"values: {listed}; kv3d converts finite weights only (is the checkpoint from a diverged run?)")
     return state
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    return not np.issubdtype(array.dtype, np.floating) or bool(np.isfinite(array).all())
+
+
+def _count_non_finite(array: np.ndarray) -> str:
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    return ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
 
 
 def _mismatch_message(state, expected, model, missing, unexpected, misshaped) -> str:

@@ -52,7 +52,9 @@ import collections
 import dataclasses
 import math
 import mmap
+import pickle
 import pickletools
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -265,6 +267,11 @@ def _ints(value, what: str, minimum: int = 0) -> tuple[int, ...]:
     return value
 
 
+def _text(text: str, limit: int = 100) -> str:
+    """``text`` cut to ``limit`` characters, non-ASCII and control characters escaped (one line)."""
+    return ascii(text[:limit])[1:-1] + ("..." if len(text) > limit else "")
+
+
 def _short(value) -> str:
     if isinstance(value, (str, bytes, int, float, bool, type(None))):
         text = repr(value)
@@ -342,6 +349,9 @@ class _Machine:
                 raise _corrupt(f"a numpy dtype has the state {_short(state)}")
             if len(state) >= 5 and any(part is not None for part in state[2:5]):
                 obj.code = "V" + obj.code  # a subarray or fields: a structured dtype
+            elif obj.code in _NUMPY_CODES and not (
+                    len(state) == 8 and state[0] == 3 and state[5:7] == (-1, -1) and type(state[7]) is int):
+                raise _corrupt(f"a numpy {obj.code} dtype has the state {_short(state)}")
             obj.byteorder = state[1]
         elif isinstance(obj, _Namespace) and isinstance(state, dict):
             obj.update(state)
@@ -356,8 +366,9 @@ class _Machine:
     def _call_tensor(self, storage=None, offset=None, shape=None, stride=None, *rest):
         if isinstance(storage, _Refused):
             return storage
-        if not isinstance(storage, _Storage) or type(offset) is not int or len(rest) > 3:
-            raise _corrupt("a tensor is rebuilt from something other than a storage, offset, shape and stride")
+        if not (isinstance(storage, _Storage) and type(offset) is int and _autograd_state(rest)):
+            raise _corrupt("a tensor is rebuilt from something other than a storage, offset, shape, stride "
+                           "and autograd flags")
         shape, stride = _ints(shape, "a tensor's shape"), _ints(stride, "a tensor's stride")
         if len(shape) != len(stride) or offset < 0:
             raise _corrupt(f"a tensor has shape {shape}, stride {stride} and offset {offset}")
@@ -375,9 +386,9 @@ class _Machine:
         self._counts["view_elements"] += numel
         return _Tensor(storage, offset, shape, stride)
 
-    def _call_parameter(self, data=None, *_):
-        if not isinstance(data, (_Tensor, _Refused)):
-            raise _corrupt("a parameter wraps something other than a tensor")
+    def _call_parameter(self, data=None, *rest):
+        if not (isinstance(data, (_Tensor, _Refused)) and _autograd_state(rest)):
+            raise _corrupt("a parameter wraps something other than a tensor and autograd flags")
         return data
 
     def _call_OrderedDict(self, items=None):
@@ -411,6 +422,9 @@ class _Machine:
             raise _Refusal(UnsafeCheckpointError,
                            f"the checkpoint reconstructs an array of class {_short(getattr(cls, 'name', cls))}; "
                            "kv3d reads plain numpy arrays only")
+        _ints(shape, "an empty array's shape")
+        if not isinstance(typecode, (str, bytes)):
+            raise _corrupt(f"an empty array has the type code {_short(typecode)}")
         return _Array()
 
     def _call_scalar(self, dtype=None, raw=None):
@@ -431,6 +445,13 @@ class _Machine:
         return _array_from_state((shape, dtype, order == "F", raw))
 
 
+def _autograd_state(rest: tuple) -> bool:
+    """Whether ``rest`` is what torch pickles after a tensor or parameter: nothing (PyTorch < 0.4), or
+    ``requires_grad``, the backward hooks and maybe metadata or the parameter's Python state."""
+    return not rest or (len(rest) in (2, 3) and type(rest[0]) is bool and isinstance(rest[1], dict)
+                        and (len(rest) == 2 or rest[2] is None or isinstance(rest[2], (dict, tuple))))
+
+
 def _key(key):
     """``key`` if it may key a dict: a string, number, bytes, None or a flat tuple of those."""
     if isinstance(key, _HASHABLE) or (isinstance(key, tuple) and all(isinstance(k, _HASHABLE) for k in key)):
@@ -448,7 +469,8 @@ def _raw_bytes(raw) -> bytes:
 
 def _array_from_state(state) -> np.ndarray | _Refused:
     """The array of a numpy ``__setstate__`` state ``([version,] shape, dtype, is_fortran, data)``."""
-    if not isinstance(state, tuple) or len(state) not in (4, 5):
+    if not (isinstance(state, tuple) and (len(state) == 4 or (len(state) == 5 and state[0] in (0, 1)))
+            and type(state[-2]) in (int, bool)):
         raise _corrupt(f"a numpy array has the state {_short(state)}")
     shape, dtype, fortran, raw = state[-4:]
     shape = _ints(shape, "an array's shape")
@@ -636,11 +658,17 @@ def _find_global(module: str, name: str):
     if module.startswith(_REFERENCED_CLASS_PREFIXES):
         return _ClassReference(qualified)
     if module in ("torch", "torch.cuda") and name.endswith("Storage"):
-        return _StorageType(qualified[:80], None)
+        return _StorageType(_text(qualified), None)
     raise _Refusal(UnsafeCheckpointError,
-                   f"refers to {qualified[:120]}, which is not on kv3d's list of tensor and container "
+                   f"refers to {_text(qualified)}, which is not on kv3d's list of tensor and container "
                    "types; kv3d never executes code from checkpoints. If the file holds a whole pickled "
                    "model, re-save its weights with torch.save(model.state_dict(), path)")
+
+
+def _protocol(stack, version: int) -> list:
+    if not 2 <= version <= pickle.HIGHEST_PROTOCOL:
+        raise _corrupt(f"the pickle declares protocol {version}")
+    return stack
 
 
 def _reduce(machine, stack, marks, memo, arg):
@@ -695,7 +723,7 @@ def _binpersid(machine, stack, marks, memo, arg):
 
 
 _STEPS = {
-    "PROTO": lambda m, stack, marks, memo, arg: stack,
+    "PROTO": lambda m, stack, marks, memo, arg: _protocol(stack, arg),
     "FRAME": lambda m, stack, marks, memo, arg: stack,
     "MARK": _mark, "POP": _pop, "POP_MARK": _pop_mark, "DUP": _dup,
     "NONE": _push(None), "NEWTRUE": _push(True), "NEWFALSE": _push(False),
@@ -744,16 +772,17 @@ class _Reader:
 class _Storages:
     """Resolves the persistent ids of torch storages and checks what each claims against the file.
 
-    ``available(key, nbytes)`` raises unless the file holds storage ``key`` with exactly
-    ``nbytes`` bytes (None: only checks ``nbytes`` against what is left of the file).
+    ``available(key, nbytes)`` raises unless the file can hold storage ``key`` with
+    ``nbytes`` bytes; ``views`` admits the storage views of PyTorch < 0.4 (legacy files).
     """
 
-    def __init__(self, available):
+    def __init__(self, available, views: bool):
         self.roots: dict[str, _Storage] = {}
         self._available = available
+        self._lengths = (5, 6) if views else (5,)
 
     def __call__(self, pid) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+        if not (isinstance(pid, tuple) and len(pid) in self._lengths and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], (str, int))
                 and type(pid[4]) is int and pid[4] >= 0):
             raise _corrupt(f"unknown persistent id {_short(pid)}")
@@ -827,8 +856,10 @@ def read_checkpoint(path) -> Any:
         return reader(path)
     except _Refusal as refusal:
         kind, message = refusal.kind, str(refusal)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as err:
-        kind, message = CorruptCheckpointError, str(err)
+    # What zipfile and zlib raise on a damaged archive (ValueError: e.g. a member name that is no UTF-8).
+    except (zipfile.BadZipFile, zlib.error, struct.error, EOFError, NotImplementedError, RuntimeError,
+            ValueError, OverflowError, LookupError) as err:
+        kind, message = CorruptCheckpointError, str(err)[:200]
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
     if kind is CorruptCheckpointError:
@@ -853,7 +884,7 @@ def _check_members(archive: zipfile.ZipFile, file_size: int) -> None:
     """Refuses a zip whose members are encrypted, compressed unusually, or claim too many bytes."""
     total = 0
     for info in archive.infolist():
-        name = info.filename[:100]
+        name = _text(info.filename)
         if info.flag_bits & 0x1:
             raise _Refusal(CheckpointError, f"zip member {name} is encrypted; torch.save never encrypts")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
@@ -875,7 +906,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     with archive.open(info) as member:
         data = member.read(info.file_size)
         if len(data) != info.file_size or member.read(1):
-            raise _corrupt(f"zip member {info.filename[:100]} does not hold its declared {info.file_size} bytes")
+            raise _corrupt(f"zip member {_text(info.filename)} does not hold its declared {info.file_size} bytes")
     return data
 
 
@@ -887,6 +918,9 @@ def _read_zip(path: Path) -> Any:
         if not pickles:
             raise _Refusal(NotACheckpointError, "is a zip archive without data.pkl, so not a PyTorch checkpoint")
         prefix = pickles[0][: -len("data.pkl")]
+        stray = [n for n in infos if not n.startswith(prefix)]
+        if len(pickles) > 1 or stray:
+            raise _corrupt(f"zip member {_text((pickles[1:] + stray)[0])} is outside the checkpoint's folder {_text(prefix)}")
         byteorder = "little"
         if f"{prefix}byteorder" in infos:
             byteorder = _read_member(archive, infos[f"{prefix}byteorder"]).decode("ascii", "replace").strip()
@@ -896,13 +930,15 @@ def _read_zip(path: Path) -> Any:
         def available(key: str, nbytes: int) -> None:
             info = infos.get(f"{prefix}data/{key}")
             if info is None:
-                raise _corrupt(f"storage {key[:40]} is not in the archive")
+                raise _corrupt(f"storage {_text(key)} is not in the archive")
             if info.file_size != nbytes:
-                raise _corrupt(f"storage {key[:40]} holds {info.file_size} bytes, its tensors claim {nbytes}")
+                raise _corrupt(f"storage {_text(key)} holds {info.file_size} bytes, its tensors claim {nbytes}")
 
-        storages = _Storages(available)
+        storages = _Storages(available, views=False)
         budget, counts = _new_budget()
-        obj = _load(_Reader(_read_member(archive, infos[pickles[0]])), storages, budget, counts)
+        reader = _Reader(_read_member(archive, infos[pickles[0]]))
+        obj = _load(reader, storages, budget, counts)
+        _check_end(reader)
         _check(obj)
         storages.check_views(counts)
         arrays = {
@@ -929,7 +965,7 @@ def _read_legacy(path: Path) -> Any:
         if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
             raise _corrupt(f"unknown legacy PyTorch protocol {_short(protocol)}")
         _load(reader, None, budget, counts)  # sys_info: storages are little-endian whatever it says
-        storages = _Storages(available)
+        storages = _Storages(available, views=True)
         obj = _load(reader, storages, budget, counts)
         keys = _load(reader, None, budget, counts)
         _check(obj)
@@ -942,8 +978,9 @@ def _read_legacy(path: Path) -> Any:
             storage = storages.roots[key]
             numel = int.from_bytes(_take(reader, 8), "little")
             if numel != storage.numel:
-                raise _corrupt(f"storage {key[:40]} has {numel} elements, its tensors expect {storage.numel}")
+                raise _corrupt(f"storage {_text(key)} has {numel} elements, its tensors expect {storage.numel}")
             arrays[key] = _decode(_take(reader, numel * storage.type.dtype.itemsize), storage, "little")
+        _check_end(reader)
         return _resolve(obj, arrays)
     finally:
         data.close()
@@ -955,10 +992,16 @@ def _read_pickle(path: Path) -> Any:
     try:
         budget, counts = _new_budget()
         obj = _load(reader, None, budget, counts)
+        _check_end(reader)
         _check(obj)
         return _resolve(obj, {})
     finally:
         data.close()
+
+
+def _check_end(reader: _Reader) -> None:
+    if reader.left():
+        raise _corrupt(f"{reader.left()} bytes follow the end of the checkpoint")
 
 
 def _take(reader: _Reader, nbytes: int) -> bytes:
@@ -971,7 +1014,7 @@ def _decode(raw: bytes, storage: _Storage, byteorder: str) -> np.ndarray:
     """A root storage's bytes as a 1-D native-endian array (bfloat16 widened to float32), maybe read-only."""
     dtype = storage.type.dtype.newbyteorder("<" if byteorder == "little" else ">")
     if len(raw) != storage.numel * dtype.itemsize:
-        raise _corrupt(f"storage {storage.key[:40]} holds {len(raw)} bytes, expected {storage.numel} x {dtype.itemsize}")
+        raise _corrupt(f"storage {_text(storage.key)} holds {len(raw)} bytes, expected {storage.numel} x {dtype.itemsize}")
     values = np.frombuffer(raw, dtype)
     if storage.type.bfloat16:
         return (values.astype(np.uint32) << 16).view(np.float32)
@@ -1061,7 +1104,7 @@ def _resolve(obj, arrays: dict[str, np.ndarray]):
 
 
 def _where(where: tuple) -> str:
-    text = "/".join(str(part)[:80] for part in where) or "(top level)"
+    text = "/".join(_text(str(part), 80) for part in where) or "(top level)"
     return repr(text if len(text) <= 200 else "..." + text[-197:])
 
 

@@ -34,9 +34,11 @@ naming it.
 Every size is checked before the work it would cost (:class:`CheckpointLimitError`):
 
 - a pickle runs at most :data:`MAX_PICKLE_OPCODES` opcodes, and the object it builds nests
-  at most :data:`MAX_NESTING` containers deep and refers to no container inside itself
-  (objects shared through the pickle memo are resolved once, so a few hundred bytes cannot
-  stand for an exponential tree);
+  at most :data:`MAX_NESTING` containers deep, holds no container inside itself, and does
+  not expand through shared references (the pickle memo) to more than
+  :data:`MAX_EXPANDED_OBJECTS` objects — a few hundred bytes can otherwise stand for an
+  exponential tree; kv3d resolves each shared object once;
+- nothing may follow the end of a checkpoint (a pickle's STOP, a legacy file's last storage);
 - every storage a tensor claims must be in the file with exactly its bytes (a zip member's
   declared size, a legacy file's remaining bytes), every tensor must lie inside its storage
   and hold no more elements than it (no zero-stride expansion), and all tensors together at
@@ -172,6 +174,7 @@ class _DType:
 
     code: str
     byteorder: str = "="
+    built: bool = False
 
     def numpy(self) -> np.dtype | None:
         """The numpy dtype, or None when it is not one of the numeric dtypes kv3d reads."""
@@ -344,7 +347,8 @@ class _Machine:
     def build(self, obj, state) -> None:
         if isinstance(obj, _Array) and obj.value is None:
             obj.value = _array_from_state(state)
-        elif isinstance(obj, _DType):
+        elif isinstance(obj, _DType) and not obj.built:
+            obj.built = True
             if not (isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "=")):
                 raise _corrupt(f"a numpy dtype has the state {_short(state)}")
             if len(state) >= 5 and any(part is not None for part in state[2:5]):

@@ -288,7 +288,8 @@ class _Machine:
 
     ``reader`` has ``read(n)``, ``readline()`` and ``tell()``; ``persistent(pid)`` resolves
     a torch storage reference (None: the pickle may hold none); ``budget`` is a one-element
-    list of opcodes left, shared by the pickles of one file.
+    list of opcodes left, shared by the pickles of one file; ``counts["view_elements"]``
+    adds up the elements of the tensors built.
     """
 
     def __init__(self, reader, persistent, budget: list[int], counts: dict):
@@ -876,7 +877,7 @@ def _map(path: Path) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _load(reader, persistent=None, budget=None, counts=None) -> Any:
+def _load(reader, persistent, budget: list[int], counts: dict) -> Any:
     return _Machine(reader, persistent, budget, counts).load()
 
 

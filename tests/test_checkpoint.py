@@ -415,3 +415,24 @@ def test_find_state_dict_says_what_it_found_instead():
         common.find_state_dict([np.ones(2)])
     with pytest.raises(CheckpointError, match="keys 'epoch', 'optimizer'.*'state_dict'"):
         common.find_state_dict({"epoch": 1, "optimizer": {"lr": 0.1}})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shared_objects_are_read_once_and_stay_shared(tmp_path, fmt):
+    weight = torch.randn(3, 2)
+    shared = [weight, {"lr": 0.1}]
+    ours = read_checkpoint(_save({"a": shared, "b": shared, "c": (shared, shared)}, tmp_path / "ckpt", fmt))
+    _assert_same(ours["a"], _numpy(shared))
+    assert ours["a"] is ours["b"] is ours["c"][0] is ours["c"][1]
+
+
+def test_a_deflated_torch_zip_reads_like_the_stored_one(tmp_path):
+    """Re-zipping a checkpoint with deflate (zip -r) is no zip bomb: its members are small or inflate <= 16x."""
+    values = {"w": torch.zeros(4096), "b": torch.randn(7)}
+    stored = _save(values, tmp_path / "ckpt", "torch-zip")
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    assert {i.compress_type for i in zipfile.ZipFile(deflated).infolist()} == {zipfile.ZIP_DEFLATED}
+    _assert_same(read_checkpoint(deflated), _numpy(values))

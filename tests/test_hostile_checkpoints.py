@@ -97,6 +97,8 @@ def test_kv3d_convert_refuses_in_one_line(tmp_path, baseline_rss_kb, case, fmt):
     run = run_python(_MAIN, ["convert", "motionnet", str(checkpoint), "-o", str(folder / "params.msgpack")],
                      tmp_path / "logs", folder)
 
+    print(f"{case}-{fmt}: {(run.max_rss_kb - baseline_rss_kb) / 1024:.0f} MB above the interpreter, "
+          f"{run.cpu_seconds} s CPU in cli.main")
     assert run.status == 2, f"exit status {run.status}; stderr: {run.stderr[-2000:]}"
     assert "Traceback" not in run.stderr
     lines = run.stderr.splitlines()

@@ -96,7 +96,7 @@ def test_params_file_round_trip_is_bit_identical(tmp_path):
 def test_loading_something_else_than_a_params_file(tmp_path, content):
     path = tmp_path / "params.msgpack"
     path.write_bytes(content)
-    with pytest.raises(params_io.ParamsFileError, match=r"is not a kv3d params file.*kv3d convert"):
+    with pytest.raises(params_io.ParamsFileError, match=r"is not a kv3d params file.*convert the model.s checkpoint"):
         params_io.load(path)
 
 

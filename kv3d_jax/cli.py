@@ -330,6 +330,7 @@ def _read_gif(path) -> np.ndarray:
             frames = []
             for index in range(image.n_frames):
                 image.seek(index)
+                _check_size(path, (image.n_frames, image.size[1], image.size[0]))  # a frame may enlarge it
                 frames.append(np.asarray(image.convert("RGB")))
     except (Image.UnidentifiedImageError, Image.DecompressionBombError, EOFError, SyntaxError) as err:
         raise ValueError(f"{path} is not a readable GIF ({type(err).__name__}: {err})") from None

@@ -405,7 +405,7 @@ def _add_decompose(sub) -> None:
     )
     p.add_argument("source", help="a GIF, a folder of GIFs, or a stage-1 .npz with a 'videos' array")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=_at_least(1), default=2000, help="optimisation steps (default 2000)")
+    p.add_argument("--steps", type=_at_least(0), default=2000, help="optimisation steps (default 2000)")
     p.set_defaults(run=_run_decompose)
 
 

@@ -39,7 +39,7 @@ def test_layers_with_params_prints_channel_counts(torch_c3d, c3d_params_files, c
 def test_layers_with_params_of_another_model(tmp_path, capsys):
     other = params_io.save(tmp_path / "other.msgpack", {"params": {"stem": {"kernel": np.zeros((3, 3, 3, 3, 8))}}})
     assert main(["layers", "c3d", str(other)]) == 2
-    assert "does not hold c3d params" in capsys.readouterr().err
+    assert "these are not c3d params; missing: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, registry", [(["convert", "resnet", "x.pt", "-o", "y.msgpack"], converters),

@@ -128,7 +128,7 @@ def _load(model: str, weights: str | None):
     """``zoo.load(model, weights)``, saying which flag to pass when weights are needed."""
     if weights is None and models.entry(model).embedded is None:
         raise ValueError(
-            f"{model} needs --weights: its checkpoint ({converters.converter(model).CHECKPOINT}), or a params "
+            f"{model} needs --weights PARAMS: its checkpoint ({converters.converter(model).CHECKPOINT}), or a params "
             f"file made from it with `kv3d convert {model} CHECKPOINT -o PARAMS`")
     return zoo.load(model, weights)
 

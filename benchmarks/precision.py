@@ -21,7 +21,7 @@ import numpy as np
 
 from kv3d_jax import models, parameterizations
 from kv3d_jax.maximize import PRESETS, init_state, kernel_keys, make_step, mean_std, model_input, objective_value
-from kv3d_jax.maximize import parse_channels
+from kv3d_jax.pipeline import parse_channels
 from kv3d_jax.models import c3d
 
 

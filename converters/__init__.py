@@ -1,45 +1,53 @@
 """Checkpoint converters: a PyTorch or Caffe2 checkpoint file to the params of a kv3d model.
 
-Each converter module exposes ``CHECKPOINT`` (what file it reads) and
-``convert(checkpoint) -> params`` over the object :func:`read_checkpoint` returns.
+Which converter reads which model's checkpoints is registered with the model, in
+:mod:`kv3d_jax.models` (``Entry.converter``). A converter exposes ``CHECKPOINT`` (what file
+it reads), ``convert(checkpoint) -> params`` over the object :func:`read_checkpoint`
+returns and, for a model with hyper-parameters, ``config(checkpoint) -> dict``: the
+architecture the checkpoint describes, as keywords of the model's ``build``.
 """
 
 from __future__ import annotations
 
-from converters import c3d, i3d, motionnet, torchvision_video, vqvae
+import importlib
+from typing import Any
+
 from converters.checkpoint import CheckpointError, checkpoint_format, read_checkpoint
 from converters.common import CheckpointMismatchError
+from kv3d_jax import models
 
-_CONVERTERS = {
-    "c3d": c3d, "i3d_r50": i3d, "motionnet": motionnet, **torchvision_video.CONVERTERS,
-    "videogpt_vqvae": vqvae,
-}
+
+def converter(model_name: str) -> Any:
+    """The converter registered for model ``model_name``; a ValueError lists the valid names."""
+    module, _, attribute = models.entry(model_name).converter.partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, attribute) if attribute else found
 
 
 def names() -> tuple[str, ...]:
     """The model names a checkpoint can be converted for."""
-    return tuple(sorted(_CONVERTERS))
+    return models.names()
 
 
 def formats() -> dict[str, str]:
     """For each model name, the checkpoint its converter reads."""
-    return {name: _CONVERTERS[name].CHECKPOINT for name in names()}
+    return {name: converter(name).CHECKPOINT for name in names()}
 
 
-def convert(model_name: str, path) -> dict:
-    """The params of model ``model_name`` read from checkpoint file ``path`` (format auto-detected)."""
-    if model_name not in _CONVERTERS:
-        raise ValueError(
-            f"no converter for model {model_name!r}; valid models are: {', '.join(names())}"
-        )
+def convert(model_name: str, path) -> tuple[dict, dict]:
+    """``(params, config)`` of model ``model_name`` read from checkpoint file ``path`` (format
+    auto-detected): Flax variables of numpy arrays, and the architecture the checkpoint describes
+    as keywords of ``kv3d_jax.models.get(model_name, config)`` (empty for one-architecture models)."""
+    found = converter(model_name)
     checkpoint = read_checkpoint(path)
     try:
-        return _CONVERTERS[model_name].convert(checkpoint)
+        config = found.config(checkpoint) if hasattr(found, "config") else {}
+        return found.convert(checkpoint), config
     except CheckpointError as err:
         raise type(err)(f"{path}: {err}") from None
 
 
 __all__ = [
-    "CheckpointError", "CheckpointMismatchError", "checkpoint_format", "convert", "formats",
+    "CheckpointError", "CheckpointMismatchError", "checkpoint_format", "convert", "converter", "formats",
     "names", "read_checkpoint",
 ]

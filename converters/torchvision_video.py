@@ -25,7 +25,7 @@ def torch_path(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Converter:
-    """A converter as :mod:`converters` registers it: what it reads, and ``convert``."""
+    """A converter as :mod:`kv3d_jax.models` names it: what it reads, and ``convert``."""
 
     CHECKPOINT: str
     convert: Callable[[Any], dict]
@@ -42,4 +42,8 @@ def _converter(name: str) -> Converter:
     return Converter(f"torchvision {name} weights: torch.save of the state dict (.pth)", convert)
 
 
-CONVERTERS = {name: _converter(name) for name in torchvision_video.NAMES}
+# One per model, as kv3d_jax.models registers them ("converters.torchvision_video:R3D_18").
+R3D_18 = _converter("r3d_18")
+MC3_18 = _converter("mc3_18")
+R2PLUS1D_18 = _converter("r2plus1d_18")
+S3D = _converter("s3d")

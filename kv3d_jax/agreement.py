@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kv3d_jax import pipeline, tuning
+from kv3d_jax import pipeline, tuning, zoo
 from kv3d_jax.store import RUN_FILE, Store, StoreError, params_checksum
 
 # The grating grid: 16 directions (each with its opposite), three spatial and temporal frequencies.
@@ -80,8 +80,8 @@ def report(run_dir, weights=None, layers: Sequence[str] | None = None,
     if stage == "refined" and not settings.refine_steps:
         raise ValueError(f"{run_dir} was run without the refinement; run `kv3d visualize --refine` into a new "
                          "folder to compare refined directions")
-    model, params = pipeline.load_model(settings.model, weights)
-    config = {**dataclasses.asdict(settings), "video_shape": pipeline.video_shape(model, settings)}
+    model, params = zoo.load(settings.model, weights)
+    config = pipeline.run_config(model, settings)
     rows, medians, compared = [], {}, 0
     with Store.open(run_dir, config, params_checksum(params)) as store:
         for layer in layers or [layer for layer in model.layers if layer in store.layers()]:

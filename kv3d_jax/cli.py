@@ -1,35 +1,70 @@
-"""The ``kv3d`` command line. Each subcommand is one ``_add_<name>(subparsers)`` function."""
+"""The ``kv3d`` command line. Each subcommand is one ``_add_<name>(subparsers)`` function.
+
+Every failure is one line ``kv3d <command>: error: ...`` on stderr and a non-zero exit
+status (2 for a bad command line or input, 1 for anything else, 130 when interrupted);
+no traceback is printed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import zipfile
 from pathlib import Path
 
 import flax
-import imageio.v3 as iio
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 import converters
-from kv3d_jax import agreement, models, parameterizations, params_io, pipeline, tuning, writers
+from kv3d_jax import agreement, models, parameterizations, params_io, pipeline, tuning, writers, zoo
 from kv3d_jax.decompose import decompose
-from kv3d_jax.maximize import PRESETS, maximize, parse_channels
-from kv3d_jax.models import motionnet
+from kv3d_jax.maximize import PRESETS, maximize
 from kv3d_jax.motion import motion_summary
 from kv3d_jax.progress import ProgressBar
 from kv3d_jax.refine import DEFAULT_STEPS as REFINE_STEPS, MOTIONS, Config as RefineConfig
 
+# The rule for --model in every subcommand that takes it: the model whose weights ship with kv3d.
+DEFAULT_MODEL = pipeline.DEFAULT_JOB["model"]
+_MODEL_HELP = (f"model name (default {DEFAULT_MODEL}, whose weights ship with kv3d; every other model needs "
+               f"--weights): {', '.join(models.names())}")
+# The most pixels (frames x height x width) `kv3d decompose` reads from one input video.
+MAX_VIDEO_PIXELS = 2**22
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``{prog}: error: {message}``, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kv3d", description="Visualise what the kernels of a 3D CNN have learned."
-    )
+    parser = _Parser(prog="kv3d", description="Visualise what the kernels of a 3D CNN have learned.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """What went wrong, on one line."""
+    if isinstance(err, MemoryError):
+        text = "out of memory" + (f": {err}" if str(err) else "")
+    elif isinstance(err, RecursionError):
+        text = f"input nested too deeply to process ({err})"
+    elif isinstance(err, OSError) and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        hint = "; free some space and rerun (finished work is kept)" if err.errno == errno.ENOSPC else ""
+        text = f"{err.strerror}{where}{hint}"
+    elif isinstance(err, (ValueError, OSError, zipfile.BadZipFile)):
+        text = str(err) or type(err).__name__
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +72,65 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError) as err:
-        print(f"kv3d {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"kv3d {args.command}: error: interrupted; finished work is kept", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure is reported as one line, never a traceback
+        print(f"kv3d {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)) else 1
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer from 0 to 2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text[:40]!r}: write a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seed {text[:40]} is out of range: choose one from 0 to {2**63 - 1}")
+    return value
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text[:40]!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _output_file(path: str) -> Path:
+    """``path`` as a file to write: refused if it names a folder or lies under a file."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{path} is a folder; name the file to write, e.g. {out / 'params.msgpack'}")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+    return out
+
+
+def _output_folder(path: str) -> Path:
+    """``path`` as a folder to write into: refused if it or a folder above it is a file."""
+    out = Path(path)
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"cannot write into {path}: {folder} is a file, not a folder")
+    return out
+
+
+def _load(model: str, weights: str | None):
+    """``zoo.load(model, weights)``, saying which flag to pass when weights are needed."""
+    if weights is None and models.entry(model).embedded is None:
+        raise ValueError(
+            f"{model} needs --weights PARAMS: its checkpoint ({converters.converter(model).CHECKPOINT}), or a params "
+            f"file made from it with `kv3d convert {model} CHECKPOINT -o PARAMS`")
+    return zoo.load(model, weights)
 
 
 def _add_convert(sub) -> None:
@@ -53,17 +144,20 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("model", help=f"model name: {', '.join(converters.names())}")
     p.add_argument("checkpoint", help="the checkpoint file")
-    p.add_argument("-o", "--output", required=True, help="params file to write (Flax msgpack)")
+    p.add_argument("-o", "--output", required=True, help="params file to write (Flax msgpack); it also "
+                   "records the model and its hyper-parameters, e.g. VideoGPT's downsample")
     p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args) -> int:
-    params = converters.convert(args.model, args.checkpoint)
-    params_io.save(args.output, params)
+    output = _output_file(args.output)
+    params, config = converters.convert(args.model, args.checkpoint)
+    params_io.save(output, params, args.model, config)
     leaves = jax.tree.leaves(params)
     fmt = converters.checkpoint.FORMATS[converters.checkpoint_format(args.checkpoint)]
+    described = f" ({', '.join(f'{k}={v}' for k, v in config.items())})" if config else ""
     print(
-        f"converted {args.checkpoint} ({fmt}) for {args.model}: {len(leaves)} tensors, "
+        f"converted {args.checkpoint} ({fmt}) for {args.model}{described}: {len(leaves)} tensors, "
         f"{sum(leaf.size for leaf in leaves):,} parameters -> {args.output}"
     )
     return 0
@@ -72,19 +166,19 @@ def _run_convert(args) -> int:
 def _add_layers(sub) -> None:
     p = sub.add_parser("layers", help="list a model's layers (with channel counts given params)")
     p.add_argument("model", help=f"model name: {', '.join(models.names())}")
-    p.add_argument("params", nargs="?", help="a params file from `kv3d convert`, to show channel counts")
+    p.add_argument("params", nargs="?", help="a params file from `kv3d convert` or the checkpoint, to show "
+                   "channel counts (and the layers of the architecture it describes)")
     p.set_defaults(run=_run_layers)
 
 
 def _run_layers(args) -> int:
-    model = models.get(args.model)
     if args.params is None:
-        print("\n".join(model.layers))
+        print("\n".join(models.get(args.model).layers))
         return 0
-    params = params_io.load(args.params)
     try:
+        model, params = zoo.load(args.model, args.params)
         channels = [model.num_channels(params, layer) for layer in model.layers]
-    except flax.errors.FlaxError as err:
+    except (flax.errors.FlaxError, params_io.ParamsFileError) as err:
         raise ValueError(f"{args.params} does not hold {args.model} params: {err}") from None
     width = max(map(len, model.layers))
     for layer, n in zip(model.layers, channels):
@@ -100,14 +194,15 @@ def _add_maximize(sub) -> None:
         "activates it, and writes {model}_{layer}_{channel}_stage1.gif per channel plus "
         "{model}_{layer}_stage1.npz (videos, objective, channels) for stage 2.",
     )
-    p.add_argument("--model", default="c3d", help=f"model name: {', '.join(models.names())}")
-    p.add_argument("--weights", help="params file made by `kv3d convert` (required)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
+    p.add_argument("--weights", help="params file made by `kv3d convert`, or the checkpoint itself "
+                   f"(not needed for {DEFAULT_MODEL})")
     p.add_argument("--layer", required=True, help="layer to tap; `kv3d layers MODEL` lists them")
     p.add_argument("--channels", default="all", help="'all' (default), a range '0-15' or a list '3,7,9'")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="paper", help=f"one of: {', '.join(PRESETS)} (default paper)")
-    p.add_argument("--steps", type=int, help="optimisation steps (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=_at_least(1), help="optimisation steps (default: the preset's)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**63-1 (default 0)")
     p.add_argument("--objective", default="channel", choices=("channel", "neuron"),
                    help="channel: mean activation (default); neuron: the centre activation")
     p.add_argument("--rectify", action="store_true", help="maximise the activation after a ReLU")
@@ -126,17 +221,12 @@ def _add_maximize(sub) -> None:
 
 
 def _run_maximize(args) -> int:
-    if args.weights is None:
-        raise ValueError(
-            "maximize needs the model's weights: pass --weights PARAMS, a params file made from the "
-            f"PyTorch checkpoint with `kv3d convert {args.model} CHECKPOINT -o PARAMS`"
-        )
-    model = models.get(args.model)
-    model.check_layer(args.layer)
+    out = _output_folder(args.out)
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    params = params_io.load(args.weights)
-    channels = parse_channels(args.channels, model.num_channels(params, args.layer))
+    model, params = _load(args.model, args.weights)
+    model.check_layer(args.layer)
+    channels = pipeline.parse_channels(args.channels, model.num_channels(params, args.layer), args.layer)
     bar = None
 
     def show(done, total, objective):
@@ -154,10 +244,10 @@ def _run_maximize(args) -> int:
         bar.close()
     videos, objective = np.asarray(result.videos), np.asarray(result.objective)
     for channel, video in zip(result.channels, videos):
-        writers.save_gif(f"{args.out}/{writers.kernel_stem(model.name, args.layer, int(channel))}_stage1.gif", video)
+        writers.save_gif(out / f"{writers.kernel_stem(model.name, args.layer, int(channel))}_stage1.gif", video)
     part = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
     npz = writers.save_npz(
-        f"{args.out}/{model.name}_{args.layer}_stage1{part}.npz", videos=videos, objective=objective,
+        out / f"{model.name}_{args.layer}_stage1{part}.npz", videos=videos, objective=objective,
         channels=result.channels, model=model.name, layer=args.layer,
     )
     print(f"{len(videos)} kernels of {model.name} {args.layer}: mean objective {objective.mean():.4g}; "
@@ -175,8 +265,9 @@ def _add_tuning(sub) -> None:
         "DSI = (R_pref - R_null) / (R_pref + R_null) at its best SF and TF. Writes "
         "{model}_{layer}_tuning.png (polar plots) and {model}_{layer}_tuning.npz.",
     )
-    p.add_argument("--model", default="motionnet", help=f"model name: {', '.join(models.names())}")
-    p.add_argument("--weights", help="params file made by `kv3d convert` (default for motionnet: the shipped one)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
+    p.add_argument("--weights", help="params file made by `kv3d convert`, or the checkpoint itself "
+                   f"(not needed for {DEFAULT_MODEL})")
     p.add_argument("--layer", required=True, help="layer to tap; `kv3d layers MODEL` lists them")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--directions", type=int, default=16, help="number of directions, even (default 16)")
@@ -189,17 +280,9 @@ def _add_tuning(sub) -> None:
 
 
 def _run_tuning(args) -> int:
-    model = models.get(args.model)
+    out = _output_folder(args.out)
+    model, params = _load(args.model, args.weights)
     model.check_layer(args.layer)
-    if args.weights is not None:
-        params = params_io.load(args.weights)
-    elif args.model == "motionnet":
-        params = motionnet.load_default()[1]
-    else:
-        raise ValueError(
-            f"tuning needs {args.model}'s weights: pass --weights PARAMS, a params file made from the "
-            f"PyTorch checkpoint with `kv3d convert {args.model} CHECKPOINT -o PARAMS`"
-        )
     if args.directions < 2 or args.directions % 2:
         raise ValueError(f"--directions must be even and >= 2 so each has its opposite, got {args.directions}")
     directions = np.arange(args.directions) * 360.0 / args.directions
@@ -207,7 +290,7 @@ def _run_tuning(args) -> int:
         model, params, args.layer, directions, args.sf, args.tf, num_phases=args.phases
     )
     result = tuning.direction_tuning(responses, directions)
-    stem = f"{args.out}/{model.name}_{args.layer}"
+    stem = f"{out}/{model.name}_{args.layer}"
     png = tuning.polar_plot(f"{stem}_tuning.png", result, directions, title=f"{model.name} {args.layer}")
     writers.save_npz(
         f"{stem}_tuning.npz", responses=responses, directions=directions, spatial_freqs=np.asarray(args.sf),
@@ -226,15 +309,71 @@ def _run_tuning(args) -> int:
 _OUTPUT_KINDS = tuple(f"_{kind}" for kind in writers.DECOMPOSITION_FILES if kind != "stage1")
 
 
+def _check_size(path, shape) -> None:
+    """Refuses a video ``(T, H, W, ...)`` of more than :data:`MAX_VIDEO_PIXELS` pixels, before it is read."""
+    t, h, w = (int(n) for n in shape[:3])
+    if t * h * w > MAX_VIDEO_PIXELS:
+        raise ValueError(f"{path} holds {t} frames of {h}x{w} pixels, more than the {MAX_VIDEO_PIXELS:,} "
+                         "pixels kv3d decompose reads from one video; shorten or shrink it")
+
+
 def _read_gif(path) -> np.ndarray:
-    """A GIF as ``(T, H, W, 3)`` float32 in [0, 1] (grey repeated to RGB, alpha dropped)."""
-    frames = np.asarray(iio.imread(path, index=None))
-    if frames.ndim == 3:
-        frames = frames[..., None]
-    if frames.ndim != 4:
-        raise ValueError(f"{path} is not an animated image: got pixel array of shape {frames.shape}")
-    frames = frames[..., :3] if frames.shape[-1] >= 3 else np.repeat(frames[..., :1], 3, axis=-1)
-    return frames.astype(np.float32) / 255.0
+    """A GIF as ``(T, H, W, 3)`` float32 in [0, 1] (grey and palette to RGB, alpha dropped).
+
+    Its frame count and size are read from the file's headers and checked against
+    :data:`MAX_VIDEO_PIXELS` before any frame is decoded.
+    """
+    try:
+        with Image.open(path, formats=["GIF"]) as image:
+            width, height = image.size
+            _check_size(path, (getattr(image, "n_frames", 1), height, width))
+            frames = []
+            for index in range(image.n_frames):
+                image.seek(index)
+                _check_size(path, (image.n_frames, image.size[1], image.size[0]))  # a frame may enlarge it
+                frames.append(np.asarray(image.convert("RGB")))
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError, EOFError, SyntaxError) as err:
+        raise ValueError(f"{path} is not a readable GIF ({type(err).__name__}: {err})") from None
+    return np.stack(frames).astype(np.float32) / 255.0
+
+
+def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of array ``name`` of an ``.npz``, from its header alone."""
+    with archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(member)
+    return shape, dtype
+
+
+def _read_npy(archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    with archive.open(f"{name}.npy") as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def _read_stage1(path: Path) -> list[tuple[str, np.ndarray]]:
+    """``(stem, video)`` pairs of a stage-1 ``.npz`` (``videos`` ``(K, T, H, W, 3)``, and ``model``,
+    ``layer``, ``channels`` to name them); each array's shape and dtype are read from its header and
+    checked before its data is."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.removesuffix(".npy") for name in archive.namelist()}
+            if "videos" not in names:
+                raise ValueError(f"{path} has no 'videos' array (K, T, H, W, 3); `kv3d maximize` writes one")
+            shape, dtype = _npy_header(archive, "videos")
+            if len(shape) != 5 or shape[-1] != 3 or dtype.kind not in "fiu":
+                raise ValueError(f"{path}'s 'videos' is {dtype}{list(shape)}, not numbers (K, T, H, W, 3)")
+            _check_size(path, (shape[0] * shape[1], *shape[2:4]))
+            videos = np.asarray(_read_npy(archive, "videos"), np.float32)
+            stems = [f"{path.stem}_{k}" for k in range(len(videos))]
+            if {"model", "layer", "channels"} <= names and all(
+                    _npy_header(archive, name)[0] == expected
+                    for name, expected in (("model", ()), ("layer", ()), ("channels", (len(videos),)))):
+                model, layer = str(_read_npy(archive, "model")), str(_read_npy(archive, "layer"))
+                stems = [writers.kernel_stem(model, layer, int(c)) for c in _read_npy(archive, "channels")]
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path} is not an .npz archive ({err})") from None
+    return list(zip(stems, videos))
 
 
 def _decompose_inputs(path: str) -> list[tuple[str, np.ndarray]]:
@@ -243,15 +382,7 @@ def _decompose_inputs(path: str) -> list[tuple[str, np.ndarray]]:
     if not source.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if source.suffix == ".npz":
-        with np.load(source) as data:
-            if "videos" not in data:
-                raise ValueError(f"{path} has no 'videos' array (K, T, H, W, 3); `kv3d maximize` writes one")
-            videos = np.asarray(data["videos"], np.float32)
-            if {"model", "layer", "channels"} <= set(data.files):
-                stems = [writers.kernel_stem(str(data["model"]), str(data["layer"]), int(c)) for c in data["channels"]]
-            else:
-                stems = [f"{source.stem}_{k}" for k in range(len(videos))]
-        return list(zip(stems, videos))
+        return _read_stage1(source)
     if source.is_dir():
         gifs = sorted(p for p in source.glob("*.gif") if not p.stem.endswith(_OUTPUT_KINDS))
         if not gifs:
@@ -274,11 +405,12 @@ def _add_decompose(sub) -> None:
     )
     p.add_argument("source", help="a GIF, a folder of GIFs, or a stage-1 .npz with a 'videos' array")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=2000, help="optimisation steps (default 2000)")
+    p.add_argument("--steps", type=_at_least(0), default=2000, help="optimisation steps (default 2000)")
     p.set_defaults(run=_run_decompose)
 
 
 def _run_decompose(args) -> int:
+    out = _output_folder(args.out)
     inputs = _decompose_inputs(args.source)
     groups: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for stem, video in inputs:
@@ -291,7 +423,7 @@ def _run_decompose(args) -> int:
         bar.close()
         summary = motion_summary(result)
         for k, stem in enumerate(stems):
-            writers.save_decomposition(args.out, stem, videos[k], result.static[k], result.displacement[k],
+            writers.save_decomposition(out, stem, videos[k], result.static[k], result.displacement[k],
                                        result.reconstruction[k], valid=np.asarray(summary.weight[k]) > 0)
             print(f"{stem}: direction {float(summary.direction_deg[k]):5.1f} deg, speed "
                   f"{float(summary.speed[k]):.3f} px/frame, PSNR {float(summary.psnr[k]):.1f} dB")
@@ -311,7 +443,7 @@ def _add_visualize(sub) -> None:
         f"weights needed) layers {', '.join(job['layers'])} at the {job['preset']} preset with "
         f"{job['steps']} + {job['decompose_steps']} steps, a few minutes on a CPU.",
     )
-    p.add_argument("--model", help=f"model name (default {job['model']}): {', '.join(models.names())}")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
     p.add_argument("--weights", help=f"params file from `kv3d convert`, or the checkpoint itself "
                    f"(not needed for {job['model']})")
     which = p.add_mutually_exclusive_group()
@@ -323,16 +455,16 @@ def _add_visualize(sub) -> None:
                    "rerun with the same settings to resume")
     p.add_argument("--preset", choices=tuple(PRESETS), help=f"stage-1 preset (default {job['preset']} for "
                    f"{job['model']}, {pipeline.OTHER_MODELS['preset']} for other models)")
-    p.add_argument("--steps", type=int, help=f"stage-1 steps (default {job['steps']} for {job['model']} at "
+    p.add_argument("--steps", type=_at_least(1), help=f"stage-1 steps (default {job['steps']} for {job['model']} at "
                    f"{job['preset']}, else the preset's)")
-    p.add_argument("--decompose-steps", type=int, help=f"stage-2 steps (default {job['decompose_steps']} "
+    p.add_argument("--decompose-steps", type=_at_least(1), help=f"stage-2 steps (default {job['decompose_steps']} "
                    f"for {job['model']}, else {pipeline.OTHER_MODELS['decompose_steps']})")
-    p.add_argument("--chunk", type=int, default=job["chunk"], help=f"kernels computed together (default "
+    p.add_argument("--chunk", type=_at_least(1), default=job["chunk"], help=f"kernels computed together (default "
                    f"{job['chunk']}); results do not depend on it")
-    p.add_argument("--seed", type=int, default=job["seed"], help=f"random seed (default {job['seed']})")
+    p.add_argument("--seed", type=_seed, default=job["seed"], help=f"random seed, 0 to 2**63-1 (default {job['seed']})")
     p.add_argument("--rectify", action="store_true", help="maximise each channel after a ReLU (for layers "
                    "whose output is linear in the input, whose optimum is otherwise a flat colour)")
-    p.add_argument("--refine", type=int, nargs="?", const=REFINE_STEPS, default=0, metavar="STEPS",
+    p.add_argument("--refine", type=_at_least(0), nargs="?", const=REFINE_STEPS, default=0, metavar="STEPS",
                    help="add stage 3: maximise each kernel over the static and displacement of its decomposition "
                    f"for STEPS steps (default {REFINE_STEPS}); files *_refined_{{video,static,motion,deform}} "
                    "beside the stage-2 ones")
@@ -345,10 +477,27 @@ def _add_visualize(sub) -> None:
 def _run_visualize(args) -> int:
     settings = pipeline.job_settings(args.model, args.preset, args.steps, args.decompose_steps, args.seed,
                                      args.rectify, args.refine, args.refine_motion)
-    model = models.get(settings.model)
+    if not args.layer and args.layers is None and settings.model != pipeline.DEFAULT_JOB["model"]:
+        raise ValueError(f"choose layers of {settings.model} with --layer L (repeatable) or --layers all; "
+                         f"valid layers are: {', '.join(models.get(settings.model).layers)}")
+    out = _output_folder(args.out)
+    model, params = _load(settings.model, args.weights)
     layers = pipeline.job_layers(model, args.layer, every=args.layers == "all")
-    model, params = pipeline.load_model(settings.model, args.weights)
-    index = pipeline.visualize(model, params, layers, args.channels, args.out, settings, args.chunk)
+    shown: list = []  # [layer, its ProgressBar] of the layer being computed
+
+    def progress(layer: str, done: int, total: int, stage: int) -> None:
+        if not shown or shown[0] != layer:
+            if shown:
+                shown[1].close()
+            shown[:] = [layer, ProgressBar(total, label=f"{model.name} {layer}")]
+        shown[1].update(done, stage=stage)
+
+    try:
+        index = pipeline.visualize(model, params, layers, args.channels, out, settings, args.chunk,
+                                   log=lambda message: print(message, file=sys.stderr), progress=progress)
+    finally:
+        if shown:
+            shown[1].close()
     print(f"results: {index.resolve()}")
     return 0
 
@@ -372,6 +521,7 @@ def _add_agreement(sub) -> None:
 
 
 def _run_agreement(args) -> int:
+    _output_folder(args.out)
     rows, medians, compared = agreement.report(args.out, args.weights, args.layer, args.stage)
     if not compared:
         raise ValueError(f"{args.out} holds no finished kernels yet; run `kv3d visualize --out {args.out}` first")

@@ -83,13 +83,17 @@ class LayerView:
 
 
 def save_figure(fig: Figure, path) -> Path:
-    """Writes ``fig`` as a PNG at ``path`` (replacing it whole); returns the path."""
+    """Writes ``fig`` as a PNG at ``path`` (replacing it whole; a failed write leaves no temporary file);
+    returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -380,10 +384,14 @@ def index_page(title: str, layers: Sequence[LayerView], notes: Sequence[str] = (
 
 
 def write_page(path, text: str) -> Path:
-    """Writes a page's HTML ``text`` to ``path`` (replacing it whole, never half-written); returns the path."""
+    """Writes a page's HTML ``text`` to ``path`` (replacing it whole, never half-written; a failed write
+    leaves no temporary file); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

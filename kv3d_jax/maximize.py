@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -277,23 +276,6 @@ def minmax_normalize(videos: jax.Array) -> jax.Array:
     lo = jnp.min(videos, axis=axes, keepdims=True)
     hi = jnp.max(videos, axis=axes, keepdims=True)
     return (videos - lo) / jnp.maximum(hi - lo, jnp.finfo(videos.dtype).tiny)
-
-
-def parse_channels(spec: str, num_channels: int) -> list[int]:
-    """Channel indices from ``"all"``, ``"0-15"``, ``"3,7,9"`` or a mix such as ``"0-3,8"``."""
-    spec = spec.strip()
-    if spec == "all":
-        return list(range(num_channels))
-    channels: list[int] = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise ValueError(f"cannot read channels {spec!r}; write e.g. 'all', '0-15' or '3,7,9'")
-        lo, hi = int(match[1]), int(match[2] or match[1])
-        if hi < lo:
-            raise ValueError(f"channel range {part.strip()!r} is empty; write it low-high, e.g. '{hi}-{lo}'")
-        channels.extend(range(lo, hi + 1))
-    return channels
 
 
 def maximize(

@@ -13,24 +13,20 @@ relative); a resumed sweep computes exactly the kernels that have no file yet.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import re
 import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import converters
-from converters.checkpoint import NotACheckpointError
-from kv3d_jax import gallery, models, params_io, writers
+from kv3d_jax import gallery, writers
 from kv3d_jax.decompose import decompose
-from kv3d_jax.maximize import get_preset, maximize, parse_channels
+from kv3d_jax.maximize import get_preset, maximize
 from kv3d_jax.models import motionnet
 from kv3d_jax.motion import motion_summary, observability
-from kv3d_jax.progress import ProgressBar
 from kv3d_jax.refine import MOTIONS, Config as RefineConfig, refine
 from kv3d_jax.store import Store, params_checksum
 
@@ -89,11 +85,13 @@ class Settings:
         get_preset(self.preset)
         for name in ("steps", "decompose_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.refine_steps < 0:
-            raise ValueError(f"--refine steps must be at least 1 (or 0 for none), got {self.refine_steps}")
+            raise ValueError(f"refine_steps must be at least 1 (or 0 for no refinement), got {self.refine_steps}")
+        if not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.refine_motion not in MOTIONS:
-            raise ValueError(f"unknown --refine-motion {self.refine_motion!r}; valid motions are: {', '.join(MOTIONS)}")
+            raise ValueError(f"unknown refine_motion {self.refine_motion!r}; valid motions are: {', '.join(MOTIONS)}")
 
 
 def job_settings(model: str | None = None, preset: str | None = None, steps: int | None = None,
@@ -121,35 +119,45 @@ def job_layers(model, layers: Sequence[str] | None, every: bool = False) -> tupl
         return tuple(model.check_layer(layer) for layer in layers)
     if model.name == DEFAULT_JOB["model"]:
         return tuple(DEFAULT_JOB["layers"])
-    raise ValueError(f"choose layers of {model.name} with --layer L (repeatable) or --layers all; "
-                     f"valid layers are: {', '.join(model.layers)}")
+    raise ValueError(f"name the layers of {model.name} to visualise (the default job covers only "
+                     f"{DEFAULT_JOB['model']}); valid layers are: {', '.join(model.layers)}")
 
 
-def load_model(name: str, weights=None):
-    """``(model, params)`` of model ``name``: MotionNet's shipped params when ``weights`` is None,
-    else those in ``weights``, a params file or a checkpoint (converted on the fly)."""
-    model = models.get(name)
-    if weights is None:
-        if name != DEFAULT_JOB["model"]:
-            raise ValueError(f"{name} needs --weights: a params file from `kv3d convert {name} CHECKPOINT -o FILE`, "
-                             "or the checkpoint itself")
-        return motionnet.load_default()
-    try:
-        converters.checkpoint_format(weights)
-    except NotACheckpointError:
-        params = params_io.load(weights)
-    else:
-        params = converters.convert(name, weights)
-    try:
-        model.num_channels(params, model.layers[0])
-    except (flax.errors.FlaxError, ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{weights} does not hold {name} params ({type(err).__name__}: {err})") from None
-    return model, params
+def parse_channels(spec: str, num_channels: int, layer: str = "the layer") -> list[int]:
+    """The channels ``spec`` names, each once, in the order first named: ``"all"``, a range ``"0-15"``,
+    a list ``"3,7,9"`` or a mix such as ``"0-3,8"``; every one must be below ``num_channels``
+    (``layer`` names the layer in errors).
+
+    Bounds are checked before a range is expanded, so the result never holds more than
+    ``num_channels`` entries whatever ``spec`` says.
+    """
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(num_channels))
+    channels: dict[int, None] = {}
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise ValueError(f"cannot read channels {spec!r}; write e.g. 'all', '0-15' or '3,7,9'")
+        lo, hi = (int(n) if len(n) <= 18 else num_channels for n in (match[1], match[2] or match[1]))
+        if hi < lo:
+            raise ValueError(f"channel range {part.strip()!r} is empty; write it low-high, e.g. '{hi}-{lo}'")
+        if hi >= num_channels:
+            raise ValueError(f"{layer} has channels 0..{num_channels - 1}; got {part.strip()!r}")
+        channels.update(dict.fromkeys(range(lo, hi + 1)))
+    return list(channels)
 
 
 def video_shape(model, settings: Settings) -> tuple[int, int, int]:
     """The ``(T, H, W)`` of the optimised videos: the preset's, else the model's input size."""
     return tuple(get_preset(settings.preset).shape or model.input_shape)
+
+
+def run_config(model, settings: Settings) -> dict:
+    """What a run folder records its results depend on besides the params: ``settings``, the video
+    shape and, for a model built with hyper-parameters, its config (``model_config``)."""
+    config = {**dataclasses.asdict(settings), "video_shape": video_shape(model, settings)}
+    return {**config, "model_config": dict(model.config)} if model.config else config
 
 
 def kernel_schema(shape: tuple[int, int, int], refined: bool = False) -> dict[str, tuple[int, ...]]:
@@ -246,40 +254,46 @@ def write_media(folder: Path, model: str, layer: str, channel: int, record: dict
         raise RuntimeError(f"the writers named their files {written}, not {names}")
 
 
-def _progress_bar(model, layer: str, chunks: int, settings: Settings, log) -> tuple[ProgressBar, Callable]:
-    """A bar over ``chunks`` chunks of every stage's steps, and ``advance(chunk_index)`` → a stage callback."""
+Log = Callable[[str], None]
+# progress(layer, done, total, stage): ``done`` of the layer's ``total`` steps (every chunk's
+# stage-1, stage-2 and stage-3 steps) are finished; ``stage`` is the one running.
+Progress = Callable[[str, int, int, int], None]
+
+
+def _stage_progress(layer: str, chunks: int, settings: Settings, progress: Progress) -> Callable:
+    """``advance(chunk_index)`` → the ``(stage, done, total)`` callback of :func:`compute_chunk` that
+    reports on ``progress`` over all ``chunks`` chunks of every stage's steps."""
     lengths = (settings.steps, settings.decompose_steps, settings.refine_steps)
     per_chunk = sum(lengths)
-    bar = ProgressBar(chunks * per_chunk, label=f"{model.name} {layer}", stream=log)
 
     def advance(index: int):
         def show(stage: int, done: int, total: int):
             before = index * per_chunk + sum(lengths[:stage - 1])
-            bar.update(before + done * lengths[stage - 1] // total, stage=stage)
+            progress(layer, before + done * lengths[stage - 1] // total, chunks * per_chunk, stage)
         return show
 
-    return bar, advance
+    return advance
 
 
 def sweep_layer(store: Store, model, params, layer: str, channels: Sequence[int], settings: Settings,
-                chunk: int, out: Path, log=sys.stderr) -> int:
+                chunk: int, out: Path, log: Log | None = None, progress: Progress | None = None) -> int:
     """Computes and stores every kernel of ``channels`` that ``store`` does not hold yet, ``chunk``
     kernels per batch, writing each kernel's pictures under ``out/layer/``; returns how many.
 
-    Files in the layer's folder that are not usable kernel files are reported on ``log``.
+    Files in the layer's folder that are not usable kernel files are reported to ``log``
+    (one message per call), steps done to ``progress`` (:data:`Progress`).
     """
+    log = log or (lambda message: None)
     audit = store.audit(layer, kernel_schema(video_shape(model, settings), settings.refine_steps > 0))
     for problem in audit.problems:
-        print(f"warning: {problem}", file=log)
+        log(f"warning: {problem}")
     pending = [c for c in channels if c not in audit.done]
     batches = [pending[i:i + chunk] for i in range(0, len(pending), chunk)]
-    if batches:
-        bar, advance = _progress_bar(model, layer, len(batches), settings, log)
-        for index, batch in enumerate(batches):
-            for channel, record in compute_chunk(model, params, layer, batch, settings, advance(index)).items():
-                write_media(out / layer, model.name, layer, channel, record)
-                store.write(layer, channel, record)
-        bar.close()
+    advance = _stage_progress(layer, len(batches), settings, progress) if progress else lambda index: None
+    for index, batch in enumerate(batches):
+        for channel, record in compute_chunk(model, params, layer, batch, settings, advance(index)).items():
+            write_media(out / layer, model.name, layer, channel, record)
+            store.write(layer, channel, record)
     return len(pending)
 
 
@@ -332,33 +346,29 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
 
 
 def visualize(model, params, layers: Sequence[str], channels: str, out, settings: Settings, chunk: int,
-              log=sys.stderr) -> Path:
+              log: Log | None = None, progress: Progress | None = None) -> Path:
     """Runs (or resumes) the sweep of ``channels`` (``"all"``, ``"0-15"``, ``"3,7"``) of each of
     ``layers`` into run folder ``out``, then writes the gallery; returns the index page's path.
 
-    Warnings about the folder's contents and progress go to ``log``.
+    Notes and warnings about the folder's contents go to ``log`` (one message per call), steps
+    done to ``progress`` (:data:`Progress`); nothing is printed.
     """
+    log = log or (lambda message: None)
     if chunk < 1:
-        raise ValueError(f"--chunk must be at least 1, got {chunk}")
+        raise ValueError(f"chunk must be at least 1 kernel, got {chunk}")
     if settings.model != model.name:
         raise ValueError(f"settings are for model {settings.model}, not {model.name}")
     layers = [model.check_layer(layer) for layer in layers]
-    # dict.fromkeys: a channel named twice ("0-3,2") is still one kernel.
-    wanted = {layer: list(dict.fromkeys(parse_channels(channels, model.num_channels(params, layer)))) for layer in layers}
-    for layer, chosen in wanted.items():
-        bad = [c for c in chosen if c >= model.num_channels(params, layer)]
-        if bad:
-            raise ValueError(f"{layer} has channels 0..{model.num_channels(params, layer) - 1}; got {bad}")
+    wanted = {layer: parse_channels(channels, model.num_channels(params, layer), layer) for layer in layers}
     out = Path(out)
-    config = {**dataclasses.asdict(settings), "video_shape": video_shape(model, settings)}
-    with Store.open(out, config, params_checksum(params)) as store:
+    with Store.open(out, run_config(model, settings), params_checksum(params)) as store:
         for note in store.notes:
-            print(f"note: {note}", file=log)
-        for problem in store.foreign_entries(model.layers):
-            print(f"warning: {problem}", file=log)
+            log(f"note: {note}")
+        for problem in store.leftovers + store.foreign_entries(model.layers):
+            log(f"warning: {problem}")
         for layer in layers:
-            if not sweep_layer(store, model, params, layer, wanted[layer], settings, chunk, out, log):
-                print(f"{model.name} {layer}: all {len(wanted[layer])} kernels already in {out}", file=log)
+            if not sweep_layer(store, model, params, layer, wanted[layer], settings, chunk, out, log, progress):
+                log(f"{model.name} {layer}: all {len(wanted[layer])} kernels already in {out}")
         # The index covers every layer of the run folder, also those of earlier invocations.
         shown = [layer for layer in model.layers if layer in wanted or layer in store.layers()]
         views = [build_layer_page(store, model, layer, len(wanted.get(layer, ())), settings, out) for layer in shown]

@@ -13,6 +13,11 @@ file is never rewritten. A file that is there but fails its check (unreadable, w
 arrays or shapes, another kernel's record) did not come from an interrupted write; it is
 moved to ``quarantine/`` and its kernel computed again. Files that a store never writes
 are reported and left alone. One process at a time may write into a run folder.
+
+Every file of a run folder (kernel files, pictures, figures, pages) is written under a
+temporary name ``.{name}.tmp{pid}`` or ``.{name}.tmp{pid}{suffix}`` in its own folder and
+renamed into place. Opening a folder removes those a killed run left in the folder itself
+and in its picture folders; :meth:`Store.audit` removes those in a layer's kernels folder.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ _LOCK = ".lock"
 _FORMAT = 1
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "kv3d-jax")
 _KERNEL_NAME = re.compile(r"(0|[1-9][0-9]*)\.npz")
-_TEMP_NAME = re.compile(r"\.(0|[1-9][0-9]*)\.npz\.tmp[0-9]+")
+_TEMP_NAME = re.compile(r"\..+\.tmp[0-9]+(\.[A-Za-z0-9]+)?")
 
 Schema = Mapping[str, tuple[int, ...]]
 
@@ -120,6 +125,19 @@ def _write_durably(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def _remove_leftovers(root: Path) -> tuple[Problem, ...]:
+    """Removes the temporary files of killed writers in ``root`` and its picture folders (every
+    subfolder but ``kernels/`` and ``quarantine/``); returns them as removed problems."""
+    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and p.name not in (KERNELS, QUARANTINE))
+    removed = []
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and _TEMP_NAME.fullmatch(path.name):
+                path.unlink()
+                removed.append(Problem(path, "an unfinished write of a killed run", "removed"))
+    return tuple(removed)
+
+
 def _as_json(value):
     """``value`` as it reads back from JSON (tuples become lists), so stored and new configs compare equal."""
     return json.loads(json.dumps(value))
@@ -148,9 +166,10 @@ def _identity(record: Mapping[str, np.ndarray]) -> tuple[str, int] | None:
 class Store:
     """An open run folder; use :meth:`open`, and ``close`` it (or use it as a context manager)."""
 
-    def __init__(self, root: Path, run: dict, lock_fd: int, notes: tuple[str, ...]):
+    def __init__(self, root: Path, run: dict, lock_fd: int, notes: tuple[str, ...], leftovers: tuple[Problem, ...]):
         self.root, self.run, self._lock_fd = root, run, lock_fd
         self.notes = notes  # things a user should know about the folder, e.g. other package versions
+        self.leftovers = leftovers  # temporary files of a killed run, removed when the folder was opened
 
     @classmethod
     def open(cls, root, config: dict, checksum: str) -> "Store":
@@ -159,31 +178,37 @@ class Store:
         A new or empty folder gets a ``run.json``. A folder with a ``run.json`` must
         record the same config and checksum, else :class:`StoreError` lists what differs.
         A non-empty folder without ``run.json`` is refused, so unrelated files are never
-        overwritten, and so is a folder another process is writing into.
+        overwritten, and so is a folder another process is writing into. The temporary
+        files a killed run left in the folder and its picture folders are removed
+        (``leftovers``).
         """
         root = Path(root)
         if root.exists() and not root.is_dir():
-            raise StoreError(f"--out {root} is a file, not a folder; choose another --out")
-        root.mkdir(parents=True, exist_ok=True)
+            raise StoreError(f"run folder {root} is a file, not a folder; choose another run folder")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot make run folder {root}: {err.strerror or err}; choose another run folder") from None
         # Checked before the lock file is made, so a refused folder is left exactly as it was.
         others = sorted(p.name for p in root.iterdir() if p.name != _LOCK)
         if others and not (root / RUN_FILE).exists():
             raise StoreError(
                 f"{root} is not empty and holds no {RUN_FILE} ({', '.join(others[:5])}"
-                f"{', ...' if len(others) > 5 else ''}), so it is not a kv3d run folder; choose a new or empty --out"
+                f"{', ...' if len(others) > 5 else ''}), so it is not a kv3d run folder; choose a new or empty run folder"
             )
         lock_fd = os.open(root / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
-            raise StoreError(f"another kv3d process is writing into {root}; wait for it or choose another --out") from None
+            raise StoreError(f"another kv3d process is writing into {root}; wait for it or choose another run folder") from None
         try:
             run, notes = cls._run_record(root, _as_json(config), checksum)
+            leftovers = _remove_leftovers(root)
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(root, run, lock_fd, notes)
+        return cls(root, run, lock_fd, notes, leftovers)
 
     @staticmethod
     def _run_record(root: Path, config: dict, checksum: str) -> tuple[dict, tuple[str, ...]]:
@@ -198,10 +223,10 @@ class Store:
             stored = (run["format"], run["config"], run["params_sha256"], run["versions"])
         except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
             raise StoreError(
-                f"{run_file} is not a kv3d run record ({type(err).__name__}: {err}); choose another --out"
+                f"{run_file} is not a kv3d run record ({type(err).__name__}: {err}); choose another run folder"
             ) from None
         if stored[0] != _FORMAT:
-            raise StoreError(f"{run_file} has format {stored[0]!r}, this kv3d writes {_FORMAT}; choose another --out")
+            raise StoreError(f"{run_file} has format {stored[0]!r}, this kv3d writes {_FORMAT}; choose another run folder")
         differences = _differences(stored[1], config)
         if stored[2] != checksum:
             differences.append(f"model params: sha256 {stored[2][:12]}… there, {checksum[:12]}… now")
@@ -209,7 +234,7 @@ class Store:
             raise StoreError(
                 f"{root} holds a run with other settings, so its results cannot be reused: "
                 + "; ".join(differences)
-                + ". Use another --out, or the settings recorded in " + str(run_file)
+                + ". Use another run folder, or the settings recorded in " + str(run_file)
             )
         changed = _differences(stored[3], versions)
         notes = (f"{root} was computed with other package versions ({'; '.join(changed)}); "

@@ -26,11 +26,15 @@ def kernel_stem(model: str, layer: str, channel: int) -> str:
 
 
 def _atomic_write(path: Path, write) -> Path:
-    """Runs ``write(tmp_path)`` then renames onto ``path``, so a crash never leaves half a file."""
+    """Runs ``write(tmp_path)`` then renames onto ``path``, so a crash never leaves half a file and a
+    failed write (full disk, unwritable folder, any error) leaves no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

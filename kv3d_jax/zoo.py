@@ -1,9 +1,15 @@
-"""The model zoo: a registered model and its params, from a checkpoint or a params file, in one call."""
+"""Loading a registered model and its params in one call: ``load(name, weights)``.
+
+The one loader the command line, the sweep (:mod:`kv3d_jax.pipeline`) and the Python API
+use. ``weights`` is a checkpoint (converted on the fly by the converter registered in
+:mod:`kv3d_jax.models`), a params file written by :func:`kv3d_jax.params_io.save`, or None
+for a model whose checkpoint ships with the package.
+"""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -11,17 +17,7 @@ import numpy as np
 import converters
 from converters.checkpoint import NotACheckpointError
 from kv3d_jax import models, params_io
-from kv3d_jax.models import c3d, i3d, motionnet, torchvision_video, vqvae
 from kv3d_jax.models.base import Params, VideoModel
-
-# Each registered model's random init, whose shapes a params file must have.
-_INIT = {
-    "c3d": c3d.init_params,
-    "i3d_r50": i3d.init_params,
-    "motionnet": motionnet.init_params,
-    **{name: functools.partial(torchvision_video.init_params, name) for name in torchvision_video.NAMES},
-    "videogpt_vqvae": vqvae.init_params,
-}
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -29,10 +25,10 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def check_params(name: str, params: Params) -> Params:
-    """Returns ``params`` if they have exactly the variables of model ``name``; else raises
-    a ValueError naming every missing, unexpected and misshaped one."""
-    expected = _shapes(jax.eval_shape(_INIT[name], jax.random.key(0)))
+def check_params(name: str, params: Params, config: Mapping[str, Any] | None = None) -> Params:
+    """Returns ``params`` if they have exactly the variables of model ``name`` built with ``config``;
+    else raises a ValueError naming every missing, unexpected and misshaped one."""
+    expected = _shapes(jax.eval_shape(lambda key: models.init_params(name, key, config), jax.random.key(0)))
     found = _shapes(params)
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
@@ -43,26 +39,38 @@ def check_params(name: str, params: Params) -> Params:
                  for what, keys in (("missing", missing), ("unexpected", unexpected),
                                     ("wrong shape", misshaped)) if keys]
         raise ValueError(f"these are not {name} params; " + "; ".join(parts)
-                         + f". Convert {name}'s checkpoint with `kv3d convert {name} CHECKPOINT -o PARAMS`")
+                         + f". Give {name}'s checkpoint, or a params file converted from it")
     return params
 
 
-def load(name: str, weights) -> tuple[VideoModel, Params]:
+def load(name: str, weights=None) -> tuple[VideoModel, Params]:
     """Model ``name`` and its params.
 
     Args:
       name: a registered model name (``kv3d_jax.models.names()``).
       weights: path of a checkpoint the model's converter reads (PyTorch zip, legacy
-        ``torch.save`` or Caffe2 pickle, told apart by its bytes) or of a params file
-        written by ``kv3d convert``.
+        ``torch.save`` or Caffe2 pickle, told apart by its bytes), or of a params file
+        written by :func:`kv3d_jax.params_io.save`; None for the checkpoint that ships with
+        the package (only models registered with ``embedded`` weights have one).
 
     Returns:
-      ``(model, params)``, params as Flax variables of numpy arrays.
+      ``(model, params)``: the model built with the config the weights describe, its params
+      as Flax variables of numpy arrays.
     """
-    model = models.get(name)
+    entry = models.entry(name)
+    if weights is None:
+        if entry.embedded is None:
+            raise ValueError(f"{name}'s weights do not ship with kv3d: give its checkpoint "
+                             f"({converters.converter(name).CHECKPOINT}) or a params file converted from it")
+        weights = entry.embedded()
     path = Path(weights)
     try:
         converters.checkpoint_format(path)
     except NotACheckpointError:
-        return model, check_params(name, params_io.load(path))
-    return model, converters.convert(name, path)
+        stored = params_io.read(path)
+        if stored.model is not None and stored.model != name:
+            raise ValueError(f"{path} holds params of {stored.model}, not {name}") from None
+        params, config = check_params(name, stored.params, stored.config), stored.config
+    else:
+        params, config = converters.convert(name, path)
+    return models.get(name, config), params

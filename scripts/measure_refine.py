@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from kv3d_jax import models, tuning
+from kv3d_jax import models, tuning, zoo
 from kv3d_jax.decompose import decompose
 from kv3d_jax.maximize import PRESETS, maximize
 from kv3d_jax.models import c3d, motionnet
@@ -58,7 +58,7 @@ def c3d_run(steps1=100, dsteps=200, rsteps=DEFAULT_STEPS, nch=4, hw=32):
 
 
 def motionnet_run(steps1=200, dsteps=200, rsteps=DEFAULT_STEPS, layers=motionnet.CONV_LAYERS, most=16):
-    model, params = motionnet.load_default()
+    model, params = zoo.load("motionnet")
     directions = np.arange(16) * 22.5
     for layer in layers:
         t = time.time()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kv3d_jax import agreement, cli, tuning
-from kv3d_jax.models import motionnet
+from kv3d_jax import agreement, cli, tuning, zoo
 
 
 @pytest.fixture(scope="module")
 def default_model():
-    return motionnet.load_default()
+    return zoo.load("motionnet")
 
 
 def test_a_channel_moving_its_preferred_way_agrees_exactly(default_model):

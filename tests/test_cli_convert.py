@@ -39,7 +39,7 @@ def test_layers_with_params_prints_channel_counts(torch_c3d, c3d_params_files, c
 def test_layers_with_params_of_another_model(tmp_path, capsys):
     other = params_io.save(tmp_path / "other.msgpack", {"params": {"stem": {"kernel": np.zeros((3, 3, 3, 3, 8))}}})
     assert main(["layers", "c3d", str(other)]) == 2
-    assert "does not hold c3d params" in capsys.readouterr().err
+    assert "these are not c3d params; missing: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, registry", [(["convert", "resnet", "x.pt", "-o", "y.msgpack"], converters),
@@ -96,7 +96,7 @@ def test_params_file_round_trip_is_bit_identical(tmp_path):
 def test_loading_something_else_than_a_params_file(tmp_path, content):
     path = tmp_path / "params.msgpack"
     path.write_bytes(content)
-    with pytest.raises(params_io.ParamsFileError, match=r"is not a kv3d params file.*kv3d convert"):
+    with pytest.raises(params_io.ParamsFileError, match=r"is not a kv3d params file.*convert the model.s checkpoint"):
         params_io.load(path)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kv3d_jax import distribute, models, params_io
+from kv3d_jax import distribute, models, params_io, zoo
 from kv3d_jax.maximize import PRESETS, init_state, kernel_keys, make_step, maximize
 from kv3d_jax.models import motionnet
 
@@ -105,7 +105,7 @@ def _free_port() -> int:
 
 def test_two_processes_write_every_kernel_once(tmp_path):
     weights = tmp_path / "motionnet.msgpack"
-    params_io.save(weights, motionnet.load_default()[1])
+    params_io.save(weights, zoo.load("motionnet")[1])
     address = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "out"
     processes = [

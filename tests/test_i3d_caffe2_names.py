@@ -83,7 +83,7 @@ def test_caffe2_pickle_converts_like_the_pyslowfast_state_dict(blobs, state, tmp
     with open(path, "wb") as f:
         # Python 2's byte-level pickle format is test_checkpoint.py's concern; this file is big.
         pickle.dump({"blobs": blobs}, f, protocol=4)
-    from_caffe2 = converters.convert("i3d_r50", path)
+    from_caffe2 = converters.convert("i3d_r50", path)[0]
     from_pyth = i3d_converter.convert({"model_state": state, "epoch": 196})
     assert jax.tree.structure(from_caffe2) == jax.tree.structure(from_pyth)
     for a, b in zip(jax.tree.leaves(from_caffe2), jax.tree.leaves(from_pyth)):

@@ -14,7 +14,7 @@ import torch
 import converters
 from converters.checkpoint import read_checkpoint
 from converters.common import CheckpointMismatchError
-from kv3d_jax import models
+from kv3d_jax import models, zoo
 from kv3d_jax.models import motionnet
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_motionnet.py"
@@ -60,11 +60,11 @@ def test_converted_random_motionnet_matches_pytorch_layer_by_layer(tmp_path):
     path = tmp_path / "motionnet.pt"
     torch.save(net.state_dict(), path)
     videos = np.random.default_rng(0).uniform(0, 1, (2, *motionnet.INPUT_SHAPE, 3)).astype(np.float32)
-    _assert_layerwise_parity(net, converters.convert("motionnet", path), videos)
+    _assert_layerwise_parity(net, converters.convert("motionnet", path)[0], videos)
 
 
 def test_shipped_checkpoint_loads_without_torch_and_matches_pytorch():
-    model, params = motionnet.load_default()
+    model, params = zoo.load("motionnet")
     assert model.name == "motionnet" and model.layers == motionnet.LAYERS
     net = train_motionnet.MotionNet()
     net.load_state_dict(torch.load(motionnet.checkpoint_path(), weights_only=True))
@@ -79,7 +79,7 @@ def test_shipped_checkpoint_is_small():
 
 
 def test_shipped_model_classifies_fresh_stimuli_at_90_percent():
-    model, params = motionnet.load_default()
+    model, params = zoo.load("motionnet")
     videos, labels = train_motionnet.motion_clips(np.random.default_rng(TEST_SEED), 240)
     normalised = (videos - np.asarray(model.mean, np.float32)) / np.asarray(model.std, np.float32)
     logits = jax.jit(lambda p, v: model.features(p, v, "fc"))(params, jnp.asarray(normalised))

@@ -8,7 +8,6 @@ that is the process the kill test kills.
 from __future__ import annotations
 
 import html.parser
-import io
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from kv3d_jax import cli, decompose, maximize, params_io, pipeline
+from kv3d_jax import cli, decompose, maximize, params_io, pipeline, zoo
 from kv3d_jax.models import UnknownLayerError, VideoModel, motionnet
 from kv3d_jax.store import StoreError, params_checksum
 
@@ -43,9 +42,9 @@ SETTINGS = pipeline.Settings(model="tiny", preset="native", steps=20, decompose_
 
 
 def _sweep(out, channels="all", settings=SETTINGS, chunk=4) -> tuple[Path, str]:
-    log = io.StringIO()
-    index = pipeline.visualize(TINY, TINY_PARAMS, ["b"], channels, out, settings, chunk, log=log)
-    return index, log.getvalue()
+    messages = []
+    index = pipeline.visualize(TINY, TINY_PARAMS, ["b"], channels, out, settings, chunk, log=messages.append)
+    return index, "\n".join(messages)
 
 
 def _kernels(out) -> dict[int, dict]:
@@ -86,32 +85,57 @@ def test_job_settings_fill_in_the_default_job_and_the_presets():
     assert pipeline.job_settings("c3d", "native", 7, 9, 1, True) == pipeline.Settings("c3d", "native", 7, 9, 1, True)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         pipeline.job_settings(preset="fast")
-    with pytest.raises(ValueError, match="--decompose-steps must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="decompose_steps must be at least 1, got 0"):
         pipeline.job_settings(decompose_steps=0)
 
 
 def test_job_layers():
     assert pipeline.job_layers(motionnet.model(), None) == motionnet.CONV_LAYERS
     assert pipeline.job_layers(TINY, None, every=True) == ("a", "b")
-    with pytest.raises(ValueError, match="--layer L .* valid layers are: a, b"):
+    with pytest.raises(ValueError, match="name the layers of tiny to visualise .* valid layers are: a, b"):
         pipeline.job_layers(TINY, None)
     with pytest.raises(UnknownLayerError, match="no layer 'c'; valid layers are: a, b"):
         pipeline.job_layers(TINY, ["b", "c"])
 
 
 def test_weights_are_a_params_file_or_a_checkpoint_converted_on_the_fly(tmp_path):
-    _, shipped = motionnet.load_default()
-    from_checkpoint = pipeline.load_model("motionnet", motionnet.checkpoint_path())[1]
+    _, shipped = zoo.load("motionnet")
+    from_checkpoint = zoo.load("motionnet", motionnet.checkpoint_path())[1]
     params_file = params_io.save(tmp_path / "motionnet.msgpack", shipped)
-    from_file = pipeline.load_model("motionnet", params_file)[1]
+    from_file = zoo.load("motionnet", params_file)[1]
     assert params_checksum(from_checkpoint) == params_checksum(from_file) == params_checksum(shipped)
-    with pytest.raises(ValueError, match="c3d needs --weights"):
-        pipeline.load_model("c3d")
-    with pytest.raises(ValueError, match="does not hold c3d params"):
-        pipeline.load_model("c3d", params_file)
+    with pytest.raises(ValueError, match="c3d's weights do not ship with kv3d: give its checkpoint"):
+        zoo.load("c3d")
+    with pytest.raises(ValueError, match="these are not c3d params; missing: .*'conv1'"):
+        zoo.load("c3d", params_file)
+    named = params_io.save(tmp_path / "named.msgpack", shipped, "motionnet")
+    with pytest.raises(ValueError, match="holds params of motionnet, not c3d"):
+        zoo.load("c3d", named)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="is not a kv3d params file"):
-        pipeline.load_model("motionnet", tmp_path / "notes.txt")
+        zoo.load("motionnet", tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("spec, channels", [
+    ("all", list(range(10))), ("0-3", [0, 1, 2, 3]), ("3,7,9", [3, 7, 9]), ("0-1, 4", [0, 1, 4]),
+    ("0-3,2,1-2", [0, 1, 2, 3]), ("9,0", [9, 0]),
+])
+def test_parse_channels(spec, channels):
+    assert pipeline.parse_channels(spec, 10) == channels
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("3-1", "is empty"), ("a-b", "cannot read channels"), ("", "cannot"),
+    ("0-6", r"conv1 has channels 0..5; got '0-6'"), ("0-300000000", "got '0-300000000'"),
+    ("7", "got '7'"), ("1-" + "9" * 5000, "conv1 has channels 0..5"),
+])
+def test_parse_channels_rejects_bad_specs_before_building_them(spec, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.parse_channels(spec, 6, "conv1")
+
+
+def test_parse_channels_never_builds_more_than_the_layer_has():
+    assert pipeline.parse_channels(",".join(["0-5"] * 100_000), 6) == list(range(6))
 
 
 def test_cli_reports_bad_layers_and_missing_weights(tmp_path, capsys):
@@ -191,13 +215,13 @@ def test_a_resumed_sweep_computes_only_missing_kernels(tmp_path, reference):
 
 def test_a_run_folder_with_other_settings_is_refused(tmp_path):
     _sweep(tmp_path, channels="0-3")
-    with pytest.raises(StoreError, match="steps: 20 there, 21 now.*Use another --out"):
+    with pytest.raises(StoreError, match="steps: 20 there, 21 now.*Use another run folder"):
         _sweep(tmp_path, settings=pipeline.Settings("tiny", "native", 21, 20, 5))
     with pytest.raises(StoreError, match="rectify: False there, True now"):
         _sweep(tmp_path, settings=pipeline.Settings("tiny", "native", 20, 20, 5, rectify=True))
     other = jax.tree.map(lambda x: x + 1, TINY_PARAMS)
     with pytest.raises(StoreError, match="model params: sha256"):
-        pipeline.visualize(TINY, other, ["b"], "0-3", tmp_path, SETTINGS, 3, log=io.StringIO())
+        pipeline.visualize(TINY, other, ["b"], "0-3", tmp_path, SETTINGS, 3)
 
 
 def test_corrupt_kernel_files_are_quarantined_and_recomputed(tmp_path, reference):
@@ -252,4 +276,4 @@ def test_a_killed_sweep_resumes_without_redoing_finished_kernels(tmp_path, refer
 
 
 if __name__ == "__main__":
-    pipeline.visualize(TINY, TINY_PARAMS, ["b"], "all", sys.argv[1], SETTINGS, 1, log=io.StringIO())
+    pipeline.visualize(TINY, TINY_PARAMS, ["b"], "all", sys.argv[1], SETTINGS, 1)

@@ -68,7 +68,7 @@ def test_reopening_with_other_settings_is_refused_naming_the_difference(tmp_path
     Store.open(tmp_path, CONFIG, "abc").close()
     with pytest.raises(StoreError, match="other settings") as err:
         Store.open(tmp_path, config, checksum)
-    assert expected in str(err.value) and "another --out" in str(err.value)
+    assert expected in str(err.value) and "another run folder" in str(err.value)
 
 
 def test_other_package_versions_are_a_note_not_an_error(tmp_path):

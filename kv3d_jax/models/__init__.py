@@ -1,19 +1,54 @@
-"""Registry of the video models kv3d_jax knows by name."""
+"""The registry of the video models kv3d_jax knows by name: each registered once, here.
+
+An :class:`Entry` holds everything kv3d needs about a model: how to build its
+:class:`VideoModel` and its random variables from a config, which converter module reads
+its checkpoints, and the checkpoint shipped with the package, if any. The converters
+(top-level package ``converters``) import the model modules; this module only names its
+converter, so nothing here imports ``converters``. :mod:`kv3d_jax.zoo` joins the two
+into ``load(name, weights)``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
-from kv3d_jax.models.base import UnknownLayerError, VideoModel
+from kv3d_jax.models.base import Params, UnknownLayerError, VideoModel
 from kv3d_jax.models import c3d, i3d, motionnet, torchvision_video, vqvae
 
-_REGISTRY: dict[str, Callable[[], VideoModel]] = {
-    "c3d": c3d.model,
-    "i3d_r50": i3d.model,
-    "motionnet": motionnet.model,
-    **{name: functools.partial(torchvision_video.model, name) for name in torchvision_video.NAMES},
-    "videogpt_vqvae": vqvae.model,
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One registered model.
+
+    Attributes:
+      build: ``build(**config) -> VideoModel``; no keywords builds the default architecture.
+      init: ``init(key, **config) -> params``, random Flax variables of that architecture.
+      converter: ``"module"`` or ``"module:attribute"`` naming the converter of its checkpoints
+        (an object with ``CHECKPOINT``, a description of the file it reads, and
+        ``convert(checkpoint) -> params``; optionally ``config(checkpoint) -> dict``, the
+        keywords of ``build`` the checkpoint describes).
+      embedded: ``embedded() -> Path`` of the checkpoint that ships with the package, used when
+        no weights are given; None for models whose weights the user must supply.
+    """
+
+    build: Callable[..., VideoModel]
+    init: Callable[..., Params]
+    converter: str
+    embedded: Callable[[], Path] | None = None
+
+
+_REGISTRY: dict[str, Entry] = {
+    "c3d": Entry(c3d.model, c3d.init_params, "converters.c3d"),
+    "i3d_r50": Entry(i3d.model, i3d.init_params, "converters.i3d"),
+    "motionnet": Entry(motionnet.model, motionnet.init_params, "converters.motionnet", motionnet.checkpoint_path),
+    **{name: Entry(functools.partial(torchvision_video.model, name),
+                   functools.partial(torchvision_video.init_params, name),
+                   f"converters.torchvision_video:{name.upper()}")
+       for name in torchvision_video.NAMES},
+    "videogpt_vqvae": Entry(vqvae.model, vqvae.init_params, "converters.vqvae"),
 }
 
 
@@ -22,12 +57,34 @@ def names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def get(name: str) -> VideoModel:
-    """The :class:`VideoModel` registered as ``name``; a clear error lists the valid names."""
+def entry(name: str) -> Entry:
+    """The :class:`Entry` registered as ``name``; a ValueError lists the valid names."""
     try:
-        return _REGISTRY[name]()
-    except KeyError:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
         raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(names())}") from None
 
 
-__all__ = ["UnknownLayerError", "VideoModel", "get", "names"]
+def get(name: str, config: Mapping[str, Any] | None = None) -> VideoModel:
+    """The :class:`VideoModel` registered as ``name``, built with ``config`` (its hyper-parameters,
+    e.g. VideoGPT's ``downsample``; None or empty: the default architecture).
+
+    A config the model cannot be built with raises a ValueError naming the setting.
+    """
+    build = entry(name).build
+    try:
+        return build(**dict(config or {}))
+    except TypeError as err:
+        raise ValueError(f"{name} cannot be built with config {dict(config or {})}: {err}") from None
+
+
+def init_params(name: str, key, config: Mapping[str, Any] | None = None) -> Params:
+    """Random variables of model ``name`` built with ``config`` (as :func:`get`)."""
+    init = entry(name).init
+    try:
+        return init(key, **dict(config or {}))
+    except TypeError as err:
+        raise ValueError(f"{name} cannot be built with config {dict(config or {})}: {err}") from None
+
+
+__all__ = ["Entry", "UnknownLayerError", "VideoModel", "entry", "get", "init_params", "names"]

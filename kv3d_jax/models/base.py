@@ -38,6 +38,9 @@ class VideoModel:
       apply_projected: optional ``apply_projected(params, video, upto, weights) ->
         (N, T', H', W')``, the activation of ``upto`` projected onto channel weights
         ``(C,)``, computing one channel's worth of that layer instead of ``C``.
+      config: the hyper-parameters the model was built with, as ``(name, value)`` pairs
+        (empty for a model with one architecture); ``dict(config)`` rebuilds it with
+        :func:`kv3d_jax.models.get`.
     """
 
     name: str
@@ -48,6 +51,7 @@ class VideoModel:
     std: tuple[float, float, float] = IMAGENET_STD
     linear_layers: frozenset[str] = frozenset()
     apply_projected: Callable[[Params, jax.Array, str, jax.Array], jax.Array] | None = None
+    config: tuple[tuple[str, Any], ...] = ()
 
     def check_layer(self, layer: str) -> str:
         """Returns ``layer`` if the model has it, else raises naming the valid ones."""

@@ -4,7 +4,8 @@ Four 3x3x3 convolutions and a linear read-out of 8 directions (0°, 45°, …, 3
 0° = right, 90° = up), trained by ``scripts/train_motionnet.py`` on synthetic
 drifting gratings, translating textures and moving dots. Its kernels are known to
 encode motion, so it is the model for checking what the visualisations say about
-motion. The trained weights ship with the package (``checkpoint_path()``).
+motion. The trained weights ship with the package (``checkpoint_path()``);
+``kv3d_jax.zoo.load("motionnet")`` reads them.
 """
 
 from __future__ import annotations
@@ -78,10 +79,3 @@ def checkpoint_path() -> Path:
     """Path of the shipped trained checkpoint, a ``torch.save`` state dict (``motionnet.pt``)."""
     return Path(str(resources.files("kv3d_jax") / "assets" / "motionnet.pt"))
 
-
-def load_default() -> tuple[VideoModel, dict]:
-    """The trained MotionNet and its params, read from the shipped checkpoint without torch."""
-    # converters imports this module for MotionNet's shapes, so it is imported only here.
-    import converters
-
-    return model(), converters.convert("motionnet", checkpoint_path())

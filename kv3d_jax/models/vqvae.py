@@ -26,6 +26,7 @@ from kv3d_jax.models.layers import Taps, batch_norm, run_until, same_pad_conv3d
 N_HIDDENS = 240
 N_RES_LAYERS = 4
 DOWNSAMPLE = (4, 4, 4)
+INPUT_SHAPE = (16, 128, 128)  # (T, H, W): VideoGPT's sequence_length and resolution
 _N_HEAD = 2
 
 
@@ -102,20 +103,60 @@ class VQVAEEncoder(nn.Module):
         return run_until(taps, upto, layer_names(self.n_res_layers, self.downsample))
 
 
-def model() -> VideoModel:
-    """VideoGPT's VQ-VAE ``ucf101_stride4x4x4`` encoder: 16x128x128 clips, inputs ``x - 0.5``."""
-    module = VQVAEEncoder()
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config(n_hiddens: int = N_HIDDENS, n_res_layers: int = N_RES_LAYERS, downsample=DOWNSAMPLE,
+                 input_shape=INPUT_SHAPE) -> dict:
+    """The encoder's hyper-parameters as a config dict of ints and int lists, if kv3d can build that
+    encoder; else a ValueError naming the one it cannot build and why.
+
+    ``downsample`` ``(t, h, w)``: each a power of two, the largest at least 4 (VideoGPT's encoder
+    with one strided conv or none does not run: its ``conv_last`` then expects 3 input channels);
+    ``n_hiddens``: even (the residual blocks halve it and the attention has 2 heads);
+    ``input_shape`` ``(T, H, W)``: the clip size, divisible by ``downsample``.
+    """
+    downsample, input_shape = (tuple(v) if isinstance(v, (list, tuple)) else (v,) for v in (downsample, input_shape))
+    if not (_is_int(n_hiddens) and n_hiddens >= 2 and n_hiddens % 2 == 0):
+        raise ValueError(f"VideoGPT encoder with n_hiddens={n_hiddens!r}: kv3d builds an even number >= 2 "
+                         "(the residual blocks halve it, the attention splits it over 2 heads)")
+    if not (_is_int(n_res_layers) and n_res_layers >= 0):
+        raise ValueError(f"VideoGPT encoder with n_res_layers={n_res_layers!r}: must be an integer >= 0")
+    if not (len(downsample) == 3 and all(_is_int(d) and d >= 1 and d & (d - 1) == 0 for d in downsample)):
+        raise ValueError(f"VideoGPT encoder with downsample={downsample!r}: kv3d builds three powers of two "
+                         "(time, height, width)")
+    if max(downsample) < 4:
+        raise ValueError(f"VideoGPT encoder with downsample={downsample!r}: VideoGPT's encoder needs a factor "
+                         "of at least 4 on some axis (with fewer strided convs its conv_last expects 3 input "
+                         "channels and it does not run)")
+    if not (len(input_shape) == 3 and all(_is_int(n) and n >= 1 and n % d == 0
+                                          for n, d in zip(input_shape, downsample))):
+        raise ValueError(f"VideoGPT encoder with clips of {input_shape!r} frames x pixels: each must be a "
+                         f"positive multiple of downsample {downsample}")
+    return {"n_hiddens": n_hiddens, "n_res_layers": n_res_layers, "downsample": list(downsample),
+            "input_shape": list(input_shape)}
+
+
+def model(**config) -> VideoModel:
+    """VideoGPT's VQ-VAE encoder described by ``config`` (:func:`check_config`'s keywords; none: the
+    ``ucf101_stride4x4x4`` encoder on 16x128x128 clips); inputs ``x - 0.5``."""
+    config = check_config(**config)
+    module = VQVAEEncoder(config["n_hiddens"], config["n_res_layers"], tuple(config["downsample"]))
     return VideoModel(
         name="videogpt_vqvae",
         apply=lambda params, video, upto: module.apply(params, video, upto),
-        layers=layer_names(),
-        input_shape=(16, 128, 128),
+        layers=layer_names(config["n_res_layers"], config["downsample"]),
+        input_shape=tuple(config["input_shape"]),
         mean=(0.5, 0.5, 0.5),
         std=(1.0, 1.0, 1.0),
         linear_layers=frozenset({"encoder_convs_0_conv"}),
+        config=tuple((name, tuple(value) if isinstance(value, list) else value) for name, value in config.items()),
     )
 
 
-def init_params(key: jax.Array) -> dict:
-    """Random encoder variables (Flax default init, unit BN statistics)."""
-    return VQVAEEncoder().init(key, jnp.zeros((1, 4, 8, 8, 3)), "encoder")
+def init_params(key: jax.Array, **config) -> dict:
+    """Random variables (Flax default init, unit BN statistics) of the encoder ``config`` describes."""
+    config = check_config(**config)
+    module = VQVAEEncoder(config["n_hiddens"], config["n_res_layers"], tuple(config["downsample"]))
+    return module.init(key, jnp.zeros((1, *config["downsample"], 3)), "encoder")

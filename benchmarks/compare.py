@@ -8,7 +8,7 @@ baselines implement), with as many threads as the machine has cores (XLA's CPU c
    kernels (its rate does not depend on K; it is measured once, on one kernel);
 2. ``strong``: :func:`torch_baselines.strong`, K kernels batched, truncated forward, no
    weight gradients;
-3. ``kv3d``: :func:`kv3d_timing.kv3d_step`, one jitted :func:`kv3d_jax.maximize.make_step`
+3. ``kv3d``: :func:`kv3d_timing.kv3d_step`, one jitted :func:`kv3d_jax.maximization.make_step`
    of K kernels, compiled first (compile time reported apart), then timed.
 
 Every timing follows one untimed warm-up step. FLOPs per kernel-step are XLA's cost
@@ -37,7 +37,7 @@ import torch_baselines  # noqa: E402
 import torch_models  # noqa: E402
 from converters import c3d as c3d_converter  # noqa: E402
 from kv3d_jax import models  # noqa: E402
-from kv3d_jax.maximize import PRESETS  # noqa: E402
+from kv3d_jax.maximization import PRESETS  # noqa: E402
 from kv3d_timing import kv3d_step  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
 from kv3d_jax import models  # noqa: E402
-from kv3d_jax.maximize import PRESETS  # noqa: E402
+from kv3d_jax.maximization import PRESETS  # noqa: E402
 from kv3d_jax.models import c3d  # noqa: E402
 from kv3d_timing import kv3d_layer, kv3d_step  # noqa: E402
 

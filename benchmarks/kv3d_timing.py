@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kv3d_jax import distribute
-from kv3d_jax.maximize import Preset, init_state, kernel_keys, make_step
+from kv3d_jax.maximization import Config as Preset, init_state, make_step
+from kv3d_jax.runner import kernel_keys
 
 
 def _setup(model, params, layer: str, preset: Preset, k: int, compute_dtype):
     channels = model.num_channels(params, layer)
-    init_keys, run_keys = kernel_keys(jax.random.PRNGKey(0), np.arange(k))
+    init_keys = run_keys = kernel_keys(jax.random.PRNGKey(0), np.arange(k))
     state = init_state(init_keys, jnp.arange(k) % channels, preset.shape)
     step = jax.jit(make_step(model, layer, preset, compute_dtype=compute_dtype))
     return step, state, run_keys

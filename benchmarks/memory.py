@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kv3d_jax import distribute, models
-from kv3d_jax.maximize import PRESETS, init_state, kernel_keys, make_step
+from kv3d_jax.maximization import PRESETS, init_state, make_step
+from kv3d_jax.runner import kernel_keys
 from kv3d_jax.models import c3d
 
 GIB = 2**30
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
     step = jax.jit(make_step(model, args.layer, preset))
 
     def inputs(k: int):
-        init_keys, run_keys = kernel_keys(jax.random.PRNGKey(0), np.arange(k))
+        init_keys = run_keys = kernel_keys(jax.random.PRNGKey(0), np.arange(k))
         return init_state(init_keys, jnp.arange(k) % channels, preset.shape), run_keys
 
     @functools.lru_cache(maxsize=None)

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kv3d_jax import models, parameterizations
-from kv3d_jax.maximize import PRESETS, init_state, kernel_keys, make_step, mean_std, model_input, objective_value
+from kv3d_jax.maximization import PRESETS, init_state, make_step, mean_std, model_input, objective_value
 from kv3d_jax.pipeline import parse_channels
+from kv3d_jax.runner import kernel_keys
 from kv3d_jax.models import c3d
 
 
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
     to_video = parameterizations.get("pixel").to_video
     value, (mean, std) = objective_value(model, args.layer), mean_std(model, preset)
     score = jax.jit(jax.vmap(lambda p, c: value(params, model_input(to_video(p), None, preset.resize, mean, std), c)))
-    init_keys, run_keys = kernel_keys(jax.random.PRNGKey(0), np.asarray(channels))
+    init_keys = run_keys = kernel_keys(jax.random.PRNGKey(0), np.asarray(channels))
     start_state = init_state(init_keys, channels, preset.shape)
     start = np.asarray(score(start_state.param, channels))
     print(f"C3D {args.layer} channels {channels.tolist()}, preset {args.preset} at {args.shape}, {args.steps} steps, "

@@ -1,6 +1,6 @@
 """Kernel-steps/s of one jitted stage-1 step on C3D with random weights, for K=1 and K=many.
 
-The step is ``kv3d_jax.maximize.make_step`` under ``jax.jit``: jitter, forward to the layer,
+The step is ``kv3d_jax.maximization.make_step`` under ``jax.jit``: jitter, forward to the layer,
 input gradient and Adam for K kernels at once. It is compiled first, then timed over
 several repeats; the median is reported. The default (conv2, native preset on an 8×32×32
 clip, K=1 and every channel of the layer) runs in about a minute on two cores; e.g.
@@ -21,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from kv3d_jax import models
-from kv3d_jax.maximize import PRESETS, init_state, kernel_keys, make_step
+from kv3d_jax.maximization import PRESETS, init_state, make_step
+from kv3d_jax.runner import kernel_keys
 from kv3d_jax.models import c3d
 
 
 def time_step(model, params, layer, preset, shape, k: int, repeats: int) -> float:
     """Median seconds of one jitted step of ``k`` kernels (after one untimed compiling call)."""
     step = jax.jit(make_step(model, layer, preset))
-    init_keys, run_keys = kernel_keys(jax.random.PRNGKey(0), np.arange(k))
+    init_keys = run_keys = kernel_keys(jax.random.PRNGKey(0), np.arange(k))
     state = init_state(init_keys, jnp.arange(k) % model.num_channels(params, layer), shape)
     state, _ = jax.block_until_ready(step(params, state, run_keys))
     times = []

@@ -20,12 +20,13 @@ import numpy as np
 from PIL import Image
 
 import converters
-from kv3d_jax import agreement, models, parameterizations, params_io, pipeline, tuning, writers, zoo
-from kv3d_jax.decompose import decompose
-from kv3d_jax.maximize import PRESETS, maximize
+from kv3d_jax import agreement, decomposition, maximization, models, parameterizations, params_io, pipeline
+from kv3d_jax import runner, tuning, writers, zoo
+from kv3d_jax.decomposition import decompose
+from kv3d_jax.maximization import PRESETS, maximize
 from kv3d_jax.motion import motion_summary
 from kv3d_jax.progress import ProgressBar
-from kv3d_jax.refine import DEFAULT_STEPS as REFINE_STEPS, MOTIONS, Config as RefineConfig
+from kv3d_jax.refinement import DEFAULT_STEPS as REFINE_STEPS, MOTIONS, Config as RefineConfig
 
 # The rule for --model in every subcommand that takes it: the model whose weights ship with kv3d.
 DEFAULT_MODEL = pipeline.DEFAULT_JOB["model"]
@@ -70,6 +71,8 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kv3d`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # Programs compiled by an earlier run (same job, same jax) are read back, not recompiled.
+    runner.enable_compilation_cache()
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
@@ -234,12 +237,10 @@ def _run_maximize(args) -> int:
         bar = bar or ProgressBar(total, label=f"{model.name} {args.layer}")
         bar.update(done, objective=objective)
 
-    result = maximize(
-        model, params, args.layer, channels, preset=args.preset, steps=args.steps,
-        key=jax.random.PRNGKey(args.seed), objective=args.objective,
-        parameterization=args.parameterization, rectify=args.rectify,
-        batch_size=args.batch_size, callback=show, compute_dtype=jnp.dtype(args.dtype),
-    )
+    config = maximization.preset(args.preset, objective=args.objective, parameterization=args.parameterization,
+                                 rectify=args.rectify, **({} if args.steps is None else {"steps": args.steps}))
+    result = maximize(model, params, args.layer, channels, config=config, key=jax.random.PRNGKey(args.seed),
+                      batch_size=args.batch_size, callback=show, compute_dtype=jnp.dtype(args.dtype))
     if bar is not None:
         bar.close()
     videos, objective = np.asarray(result.videos), np.asarray(result.objective)
@@ -419,7 +420,8 @@ def _run_decompose(args) -> int:
         stems, videos = zip(*items)
         videos = np.stack(videos)
         bar = ProgressBar(args.steps, label=f"decompose {len(videos)}x{'x'.join(map(str, shape[:3]))}")
-        result = decompose(videos, steps=args.steps, progress=lambda done, total: bar.update(done))
+        result = decompose(videos, config=decomposition.Config(steps=args.steps),
+                           callback=lambda done, total, _: bar.update(done))
         bar.close()
         summary = motion_summary(result)
         for k, stem in enumerate(stems):
@@ -471,15 +473,23 @@ def _add_visualize(sub) -> None:
     p.add_argument("--refine-motion", choices=tuple(MOTIONS), default=RefineConfig.motion,
                    help=f"what stage 3's motion may be: constant (each pixel at a constant velocity, as in a "
                    f"drifting grating) or free (any displacement per frame); default {RefineConfig.motion}")
+    p.add_argument("--dtype", default="float32", choices=pipeline.DTYPES,
+                   help="dtype the model computes in (default float32; optimised videos stay float32)")
+    p.add_argument("--memory-budget", type=float, metavar="GIB",
+                   help="GiB per device each stage's batch of kernels may use (default: 70%% of an "
+                   "accelerator's memory, or of the host's shared by its CPU devices)")
     p.set_defaults(run=_run_visualize)
 
 
 def _run_visualize(args) -> int:
     settings = pipeline.job_settings(args.model, args.preset, args.steps, args.decompose_steps, args.seed,
-                                     args.rectify, args.refine, args.refine_motion)
+                                     args.rectify, args.refine, args.refine_motion, args.dtype)
     if not args.layer and args.layers is None and settings.model != pipeline.DEFAULT_JOB["model"]:
         raise ValueError(f"choose layers of {settings.model} with --layer L (repeatable) or --layers all; "
                          f"valid layers are: {', '.join(models.get(settings.model).layers)}")
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise ValueError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
+    budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
     out = _output_folder(args.out)
     model, params = _load(settings.model, args.weights)
     layers = pipeline.job_layers(model, args.layer, every=args.layers == "all")
@@ -494,7 +504,8 @@ def _run_visualize(args) -> int:
 
     try:
         index = pipeline.visualize(model, params, layers, args.channels, out, settings, args.chunk,
-                                   log=lambda message: print(message, file=sys.stderr), progress=progress)
+                                   log=lambda message: print(message, file=sys.stderr), progress=progress,
+                                   memory_budget=budget)
     finally:
         if shown:
             shown[1].close()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 KERNELS = "kernels"
 # Of the memory a device has, the share a batch may plan to use: the rest is headroom for
@@ -34,20 +34,28 @@ CPU_ANALYSIS_UNDERCOUNT = 1.5
 def kernel_mesh(devices=None) -> Mesh:
     """A 1-D mesh with axis ``"kernels"`` over ``devices`` (default: this process's devices)."""
     devices = jax.local_devices() if devices is None else list(devices)
-    return Mesh(np.array(devices), (KERNELS,))
+    return Mesh(np.array(devices), (KERNELS,), axis_types=(AxisType.Auto,))
 
 
-def check_mesh(mesh: Mesh | None) -> Mesh:
-    """``mesh``, or :func:`kernel_mesh` if None, after checking it can shard kernels in this process."""
-    mesh = kernel_mesh() if mesh is None else mesh
-    if tuple(mesh.axis_names) != (KERNELS,):
-        raise ValueError(f"the mesh must be 1-D with axis {KERNELS!r}, got axes {mesh.axis_names}; "
-                         "build one with kv3d_jax.distribute.kernel_mesh()")
+def as_kernel_mesh(mesh: Mesh | None) -> Mesh:
+    """The devices of ``mesh`` as a :func:`kernel_mesh` (all local devices if None).
+
+    ``mesh`` may be any mesh with one axis, of any name and axis type (``jax.make_mesh``'s
+    default explicit axes included): kernels are independent, so the runner only needs its
+    devices. They must be this process's: kernels are split between processes by
+    :func:`process_share`.
+    """
+    if mesh is None:
+        return kernel_mesh()
+    devices = getattr(mesh, "devices", None)
+    if not isinstance(devices, np.ndarray) or len(mesh.axis_names) != 1:
+        raise ValueError(f"kernels are sharded over a 1-D mesh of devices; got {mesh!r}. Build one with "
+                         "jax.make_mesh((jax.local_device_count(),), ('kernels',))")
     local = set(jax.local_devices())
-    if any(d not in local for d in mesh.devices.flat):
+    if any(d not in local for d in devices.flat):
         raise ValueError("the mesh holds devices of other processes; give each process a mesh of its own "
                          "devices (the default): kernels are split between processes by process_share")
-    return mesh
+    return kernel_mesh(devices.flat)
 
 
 def process_share(ids: np.ndarray) -> np.ndarray:
@@ -85,33 +93,6 @@ def replicated_shapes(tree: Any, mesh: Mesh) -> Any:
     sharding = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x),
                                                        sharding=sharding), tree)
-
-
-def _kernel_spec(x) -> PartitionSpec:
-    return PartitionSpec() if np.ndim(x) == 0 else PartitionSpec(KERNELS)
-
-
-def per_kernel(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn`` run by every device of ``mesh`` on its own slice of the kernel axis (``shard_map``).
-
-    Every argument and result leaf of rank ≥ 1 is split along its leading (kernel) axis, whose
-    length must be a multiple of the device count; rank-0 leaves (an optimiser's step count)
-    are replicated. ``fn`` must treat kernels independently: no device sees another's kernels.
-    """
-    def mapped(*args):
-        out_specs = jax.tree.map(_kernel_spec, jax.eval_shape(fn, *args))
-        return jax.shard_map(fn, mesh=mesh, in_specs=jax.tree.map(_kernel_spec, args), out_specs=out_specs,
-                             check_vma=False)(*args)
-
-    return mapped
-
-
-def pad_kernels(tree: Any, mesh: Mesh) -> tuple[Any, int]:
-    """``tree`` with its kernel axis padded (repeating the last kernel) to a multiple of the
-    mesh's devices, and the original number of kernels."""
-    k = len(jax.tree.leaves(tree)[0])
-    index = np.minimum(np.arange(padded_batch(k, mesh)), k - 1)
-    return jax.tree.map(lambda x: x[index], tree), k
 
 
 def _host_memory() -> int:

@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kv3d_jax.decompose import Decomposition
+from kv3d_jax.decomposition import Decomposition, psnr
 from kv3d_jax.warp import gaussian_blur, inside, warp
 
 
@@ -80,23 +80,6 @@ def observability(static: jax.Array, displacement: jax.Array, border: int = 2, m
     # instead of all zero.
     floor = 1e-6 * jnp.max(texture) + 1e-30
     return jnp.where(valid, texture + floor, 0.0)
-
-
-def psnr(reconstruction: jax.Array, videos: jax.Array, where: jax.Array | None = None) -> jax.Array:
-    """PSNR (dB, peak 1) of each ``(K, T, H, W, C)`` reconstruction against its video: ``(K,)``.
-
-    ``where``: optional boolean ``(K, T, H, W)``, the pixels to compare (e.g.
-    :func:`kv3d_jax.warp.inside` of the displacement: the part of each video that a
-    static image of the frame's size can explain at all).
-    """
-    squared = (reconstruction - videos) ** 2
-    axes = tuple(range(1, reconstruction.ndim))
-    if where is None:
-        mse = jnp.mean(squared, axis=axes)
-    else:
-        mask = jnp.broadcast_to(jnp.asarray(where, squared.dtype)[..., None], squared.shape)
-        mse = jnp.sum(squared * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axis=axes), 1.0)
-    return -10.0 * jnp.log10(jnp.maximum(mse, 1e-12))
 
 
 def motion_summary(decomposition: Decomposition, videos=None, border: int = 2, margin: float = 2.0) -> MotionSummary:

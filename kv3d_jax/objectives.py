@@ -52,20 +52,22 @@ def get(name: str, rectify: bool = False) -> Objective:
 
 
 class Projection(NamedTuple):
-    """An objective that reads one combination of the layer's channels, ``act @ weights``.
+    """An objective that reads one channel, or one combination of the layer's channels.
 
-    ``weights(target, num_channels) -> (C,)`` and ``reduce(projected) -> scalar`` for the
-    projected activation ``(T', H', W')``; then ``objective(act, target) ==
-    reduce(act @ weights(target, C))``, and a model can compute that one combination of its
-    channels instead of all ``C`` (:meth:`kv3d_jax.models.VideoModel.projected_features`).
+    ``weights(target, num_channels)`` is either a channel index ``()`` (an integer: that
+    channel is selected) or channel weights ``(C,)`` (``act @ weights``); ``reduce(projected)
+    -> scalar`` reduces the projected activation ``(T', H', W')``. Then ``objective(act,
+    target) == reduce(projected)``, and a model can compute that one channel or combination
+    instead of all ``C`` (:meth:`kv3d_jax.models.VideoModel.projected_features`). Selecting
+    rather than weighting by a one-hot vector keeps another channel's non-finite values out.
     """
 
     weights: Callable[[jax.Array, int], jax.Array]
     reduce: Callable[[jax.Array], jax.Array]
 
 
-def _one_hot(target: jax.Array, num_channels: int) -> jax.Array:
-    return jax.nn.one_hot(target, num_channels, dtype=jnp.float32)
+def _index(target: jax.Array, num_channels: int) -> jax.Array:
+    return jnp.asarray(target, jnp.int32)
 
 
 def _centre(projected: jax.Array) -> jax.Array:
@@ -74,8 +76,8 @@ def _centre(projected: jax.Array) -> jax.Array:
 
 
 PROJECTIONS: dict[str, Projection] = {
-    "channel": Projection(_one_hot, jnp.mean),
-    "neuron": Projection(_one_hot, _centre),
+    "channel": Projection(_index, jnp.mean),
+    "neuron": Projection(_index, _centre),
     "weighted": Projection(lambda target, num_channels: target, jnp.mean),
 }
 

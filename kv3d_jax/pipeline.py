@@ -2,8 +2,11 @@
 resumable results store (:mod:`kv3d_jax.store`), then the gallery (:mod:`kv3d_jax.gallery`).
 
 The work of a layer is cut into chunks of kernels; a chunk is one batched
-:func:`~kv3d_jax.maximize.maximize` and one batched :func:`~kv3d_jax.decompose.decompose`
-call, and each of its kernels is stored as soon as the chunk is done. Every kernel's
+:func:`~kv3d_jax.maximization.maximize` and one batched :func:`~kv3d_jax.decomposition.decompose`
+call (and one :func:`~kv3d_jax.refinement.refine` with stage 3), each batched and sized by the
+runner (:mod:`kv3d_jax.runner`), and each of its kernels is stored as soon as the chunk is done.
+A kernel that turns non-finite in a stage is stored as failed (``failed``: the stage's number)
+and changes no other kernel's result. Every kernel's
 randomness comes from ``(seed, layer, channel)`` alone and both stages treat the kernels
 of a batch independently, so an interruption changes no result, and the chunk size none
 beyond float rounding (another batch size may reorder a reduction: measured ≤ 1e-7
@@ -22,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kv3d_jax import gallery, writers
-from kv3d_jax.decompose import decompose
-from kv3d_jax.maximize import get_preset, maximize
+from kv3d_jax import decomposition, gallery, maximization, refinement, writers
+from kv3d_jax.decomposition import decompose
+from kv3d_jax.maximization import get_preset, maximize
 from kv3d_jax.models import motionnet
 from kv3d_jax.motion import motion_summary, observability
-from kv3d_jax.refine import MOTIONS, Config as RefineConfig, refine
+from kv3d_jax.refinement import MOTIONS, Config as RefineConfig, refine
 from kv3d_jax.store import Store, params_checksum
 
 # `kv3d visualize` with no arguments: all 176 channels of the embedded MotionNet's conv layers.
@@ -49,9 +52,11 @@ DEFAULT_JOB = {
 # For any other model: the paper preset with its steps, and the reference's decomposition steps (SPEC §3).
 OTHER_MODELS = {"preset": "paper", "decompose_steps": 2000}
 
-SUMMARY = ("objective", "direction_deg", "speed", "psnr")
+SUMMARY = ("objective", "direction_deg", "speed", "psnr", "failed")
 # What the refinement adds to a kernel's record, each name prefixed "refined_".
 REFINED = ("video", "static", "displacement", "objective", "direction_deg", "speed")
+# The dtypes a model may run in (Settings.dtype).
+DTYPES = ("float32", "bfloat16")
 # Width (px) of the frame border the motion read-out leaves out (motion.motion_summary's default).
 _BORDER = 2
 
@@ -62,14 +67,15 @@ class Settings:
 
     Attributes:
       model: registry name of the model.
-      preset: stage-1 preset name (:data:`kv3d_jax.maximize.PRESETS`).
+      preset: stage-1 preset name (:data:`kv3d_jax.maximization.PRESETS`).
       steps: stage-1 optimisation steps.
       decompose_steps: stage-2 optimisation steps.
       seed: the seed every kernel's PRNG keys are derived from.
       rectify: maximise the activation after a ReLU (SPEC §5) rather than the layer's output.
-      refine_steps: steps of the texture-plus-motion refinement (:mod:`kv3d_jax.refine`),
+      refine_steps: steps of the texture-plus-motion refinement (:mod:`kv3d_jax.refinement`),
         started from each decomposition; 0 skips it.
-      refine_motion: the motion the refinement may use (:attr:`kv3d_jax.refine.Config.motion`).
+      refine_motion: the motion the refinement may use (:attr:`kv3d_jax.refinement.Config.motion`).
+      dtype: the dtype the model runs in, ``"float32"`` or ``"bfloat16"``.
     """
 
     model: str
@@ -80,6 +86,7 @@ class Settings:
     rectify: bool = False
     refine_steps: int = 0
     refine_motion: str = RefineConfig.motion
+    dtype: str = "float32"
 
     def __post_init__(self):
         get_preset(self.preset)
@@ -92,11 +99,13 @@ class Settings:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.refine_motion not in MOTIONS:
             raise ValueError(f"unknown refine_motion {self.refine_motion!r}; valid motions are: {', '.join(MOTIONS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes are: {', '.join(DTYPES)}")
 
 
 def job_settings(model: str | None = None, preset: str | None = None, steps: int | None = None,
                  decompose_steps: int | None = None, seed: int | None = None, rectify: bool = False,
-                 refine_steps: int = 0, refine_motion: str = RefineConfig.motion) -> Settings:
+                 refine_steps: int = 0, refine_motion: str = RefineConfig.motion, dtype: str = "float32") -> Settings:
     """:class:`Settings` with every option not given filled in: from :data:`DEFAULT_JOB` for its
     model (and, for ``steps``, its preset), else from :data:`OTHER_MODELS` and the preset."""
     model = model or DEFAULT_JOB["model"]
@@ -107,7 +116,7 @@ def job_settings(model: str | None = None, preset: str | None = None, steps: int
     if decompose_steps is None:
         decompose_steps = (DEFAULT_JOB if default else OTHER_MODELS)["decompose_steps"]
     return Settings(model, preset, steps, decompose_steps, DEFAULT_JOB["seed"] if seed is None else seed, rectify,
-                    refine_steps, refine_motion)
+                    refine_steps, refine_motion, dtype)
 
 
 def job_layers(model, layers: Sequence[str] | None, every: bool = False) -> tuple[str, ...]:
@@ -180,40 +189,46 @@ def layer_key(seed: int, layer: str) -> jax.Array:
 
 
 def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: Settings,
-                  progress=None) -> dict[int, dict[str, np.ndarray]]:
+                  progress=None, memory_budget: int | None = None) -> dict[int, dict[str, np.ndarray]]:
     """Stage 1, stage 2 and the motion read-out of ``channels`` of ``layer``, batched:
     ``{channel: record}`` with the float32 arrays of :func:`kernel_schema`.
 
     Stage 1 folds each channel into ``fold_in(layer key, 1)``; stage 2 gets
     ``fold_in(fold_in(layer key, 2), channel)`` per kernel. ``progress(stage, done, total)``
     is called as steps finish. With ``settings.refine_steps``, the refinement (stage 3) starts
-    from stage 2's result with ``fold_in(layer key, 3)``.
+    from stage 2's result with ``fold_in(layer key, 3)``. Every stage batches its kernels within
+    ``memory_budget`` bytes per device (default: the runner's). A record's ``failed`` is 0, or
+    the number of the first stage whose result for the kernel is not finite.
     """
     key = layer_key(settings.seed, layer)
-    stage1 = maximize(
-        model, params, layer, channels=list(channels), preset=settings.preset, steps=settings.steps,
-        key=jax.random.fold_in(key, 1), rectify=settings.rectify,
-        callback=None if progress is None else lambda done, total, _: progress(1, done, total),
-    )
-    ids = jnp.asarray(channels, jnp.uint32)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, 2), ids)
-    dec = decompose(stage1.videos, steps=settings.decompose_steps, key=keys,
-                    progress=None if progress is None else lambda done, total: progress(2, done, total))
+    common = dict(memory_budget=memory_budget, compute_dtype=jnp.dtype(settings.dtype))
+
+    def report(stage):
+        return None if progress is None else lambda done, total, _: progress(stage, done, total)
+
+    stage1 = maximize(model, params, layer, list(channels), key=jax.random.fold_in(key, 1), callback=report(1),
+                      config=maximization.preset(settings.preset, steps=settings.steps, rectify=settings.rectify),
+                      **common)
+    dec = decompose(stage1.videos, channels, config=decomposition.Config(steps=settings.decompose_steps),
+                    key=jax.random.fold_in(key, 2), callback=report(2), **common)
     summary = motion_summary(dec, border=_BORDER)
+    failed = np.where(stage1.failed, 1, np.where(dec.failed, 2, 0))
     arrays = {
         "video": stage1.videos, "objective": stage1.objective, "static": dec.static,
         "displacement": dec.displacement, "reconstruction": dec.reconstruction,
         "direction_deg": summary.direction_deg, "speed": summary.speed, "psnr": summary.psnr,
     }
     if settings.refine_steps:
-        refined = refine(model, params, layer, dec, list(channels), steps=settings.refine_steps,
-                         key=jax.random.fold_in(key, 3), preset=settings.preset, rectify=settings.rectify,
-                         config=RefineConfig(motion=settings.refine_motion),
-                         callback=None if progress is None else lambda done, total, _: progress(3, done, total))
+        config = refinement.Config(motion=settings.refine_motion, steps=settings.refine_steps,
+                                   preset=maximization.preset(settings.preset, rectify=settings.rectify))
+        refined = refine(model, params, layer, dec, list(channels), config=config, key=jax.random.fold_in(key, 3),
+                         callback=report(3), **common)
         motion = motion_summary(refined, border=_BORDER)
+        failed = np.where(failed == 0, np.where(refined.failed, 3, 0), failed)
         arrays.update(refined_video=refined.video, refined_static=refined.static,
                       refined_displacement=refined.displacement, refined_objective=refined.objective,
                       refined_direction_deg=motion.direction_deg, refined_speed=motion.speed)
+    arrays["failed"] = failed
     arrays = {name: np.asarray(value, np.float32) for name, value in arrays.items()}
     return {int(c): {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
 
@@ -238,7 +253,9 @@ def refined_media_names(model: str, layer: str, channel: int) -> dict[str, str]:
 
 def write_media(folder: Path, model: str, layer: str, channel: int, record: dict) -> None:
     """Writes a kernel's pictures (SPEC §4) into ``folder`` from its ``record``, and its
-    refinement's beside them if the record holds one."""
+    refinement's beside them if the record holds one. A failed kernel's non-finite values are
+    drawn as 0."""
+    record = {name: np.nan_to_num(value) for name, value in record.items()}
     valid = np.asarray(_read_out_support(record["static"], record["displacement"]))
     written = writers.save_decomposition(folder, writers.kernel_stem(model, layer, channel), record["video"],
                                          record["static"], record["displacement"], record["reconstruction"],
@@ -276,7 +293,8 @@ def _stage_progress(layer: str, chunks: int, settings: Settings, progress: Progr
 
 
 def sweep_layer(store: Store, model, params, layer: str, channels: Sequence[int], settings: Settings,
-                chunk: int, out: Path, log: Log | None = None, progress: Progress | None = None) -> int:
+                chunk: int, out: Path, log: Log | None = None, progress: Progress | None = None,
+                memory_budget: int | None = None) -> int:
     """Computes and stores every kernel of ``channels`` that ``store`` does not hold yet, ``chunk``
     kernels per batch, writing each kernel's pictures under ``out/layer/``; returns how many.
 
@@ -291,7 +309,8 @@ def sweep_layer(store: Store, model, params, layer: str, channels: Sequence[int]
     batches = [pending[i:i + chunk] for i in range(0, len(pending), chunk)]
     advance = _stage_progress(layer, len(batches), settings, progress) if progress else lambda index: None
     for index, batch in enumerate(batches):
-        for channel, record in compute_chunk(model, params, layer, batch, settings, advance(index)).items():
+        for channel, record in compute_chunk(model, params, layer, batch, settings, advance(index),
+                                                   memory_budget).items():
             write_media(out / layer, model.name, layer, channel, record)
             store.write(layer, channel, record)
     return len(pending)
@@ -346,12 +365,14 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
 
 
 def visualize(model, params, layers: Sequence[str], channels: str, out, settings: Settings, chunk: int,
-              log: Log | None = None, progress: Progress | None = None) -> Path:
+              log: Log | None = None, progress: Progress | None = None,
+              memory_budget: int | None = None) -> Path:
     """Runs (or resumes) the sweep of ``channels`` (``"all"``, ``"0-15"``, ``"3,7"``) of each of
     ``layers`` into run folder ``out``, then writes the gallery; returns the index page's path.
 
     Notes and warnings about the folder's contents go to ``log`` (one message per call), steps
-    done to ``progress`` (:data:`Progress`); nothing is printed.
+    done to ``progress`` (:data:`Progress`); nothing is printed. ``memory_budget``: bytes per
+    device each stage's batches may use (default: the runner's).
     """
     log = log or (lambda message: None)
     if chunk < 1:
@@ -367,7 +388,8 @@ def visualize(model, params, layers: Sequence[str], channels: str, out, settings
         for problem in store.leftovers + store.foreign_entries(model.layers):
             log(f"warning: {problem}")
         for layer in layers:
-            if not sweep_layer(store, model, params, layer, wanted[layer], settings, chunk, out, log, progress):
+            if not sweep_layer(store, model, params, layer, wanted[layer], settings, chunk, out, log, progress,
+                               memory_budget):
                 log(f"{model.name} {layer}: all {len(wanted[layer])} kernels already in {out}")
         # The index covers every layer of the run folder, also those of earlier invocations.
         shown = [layer for layer in model.layers if layer in wanted or layer in store.layers()]

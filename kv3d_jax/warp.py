@@ -27,9 +27,13 @@ def pixel_grid(h: int, w: int) -> jax.Array:
 
 
 def _cells(h: int, w: int, x: jax.Array, y: jax.Array):
-    """Flat index of each point's upper-left cell corner and its fractional offsets."""
-    x = jnp.clip(x, 0.0, w - 1.0)
-    y = jnp.clip(y, 0.0, h - 1.0)
+    """Flat index of each point's upper-left cell corner and its fractional offsets.
+
+    A non-finite coordinate reads pixel 0 (or the clamped edge): every index stays inside the
+    image, so a failed kernel's NaN can never address another kernel's pixels.
+    """
+    x = jnp.clip(jnp.nan_to_num(x), 0.0, w - 1.0)
+    y = jnp.clip(jnp.nan_to_num(y), 0.0, h - 1.0)
     # The corner is clamped one short of the far edge, so a point on that edge
     # keeps weight 1 on the edge pixel instead of reading past it.
     x0 = jnp.clip(jnp.floor(x), 0.0, max(w - 2, 0))
@@ -95,7 +99,7 @@ def _sample_bwd(shape, res, g):
     gimages = jnp.zeros((b * h * w, c), g.dtype)
     for offset, weight in ((0, (1 - fx) * (1 - fy)), (right, fx * (1 - fy)), (down, (1 - fx) * fy), (right + down, fx * fy)):
         gimages = gimages.at[flat + offset].add((g * weight).reshape(-1, c), mode="promise_in_bounds")
-    return gimages.reshape(b, h, w, c), gx, gy
+    return gimages.reshape(b, h, w, c).astype(q.dtype), gx, gy
 
 
 _sample.defvjp(_sample_fwd, _sample_bwd)

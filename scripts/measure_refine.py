@@ -22,12 +22,12 @@ import time
 import jax
 import numpy as np
 
-from kv3d_jax import models, tuning, zoo
-from kv3d_jax.decompose import decompose
-from kv3d_jax.maximize import PRESETS, maximize
+from kv3d_jax import decomposition, models, tuning, zoo
+from kv3d_jax.decomposition import decompose
+from kv3d_jax.maximization import PRESETS, maximize, preset as stage1_config
 from kv3d_jax.models import c3d, motionnet
 from kv3d_jax.motion import motion_summary
-from kv3d_jax.refine import DEFAULT_STEPS, MOTIONS, Config, refine, used_displacement
+from kv3d_jax.refinement import DEFAULT_STEPS, MOTIONS, Config, refine, used_displacement
 
 
 def c3d_run(steps1=100, dsteps=200, rsteps=DEFAULT_STEPS, nch=4, hw=32):
@@ -39,9 +39,10 @@ def c3d_run(steps1=100, dsteps=200, rsteps=DEFAULT_STEPS, nch=4, hw=32):
     for layer in model.layers:
         t = time.time()
         rect = layer == "conv1"
-        s1 = maximize(model, params, layer, channels, preset, steps=steps1, rectify=rect)
-        dec = decompose(s1.videos, steps=dsteps, ids=channels)
-        r = refine(model, params, layer, dec, channels, steps=rsteps, preset=preset, rectify=rect)
+        stage1 = stage1_config(preset, steps=steps1, rectify=rect)
+        s1 = maximize(model, params, layer, channels, config=stage1)
+        dec = decompose(s1.videos, channels, config=decomposition.Config(steps=dsteps))
+        r = refine(model, params, layer, dec, channels, config=Config(steps=rsteps, preset=stage1))
         # The refinement starts from the decomposition's displacement as its motion allows it.
         start = dec.replace(displacement=used_displacement({"displacement": dec.displacement}))
         m0, ms, m1 = motion_summary(dec), motion_summary(start), motion_summary(r)
@@ -72,21 +73,21 @@ def motionnet_run(steps1=200, dsteps=200, rsteps=DEFAULT_STEPS, layers=motionnet
         print(f"{layer}: {ds.size} DS channels, {np.sum(peak[ds] >= 1e-2)} of them with peak response >= 1e-2")
         ds = ds[np.round(np.linspace(0, ds.size - 1, min(most, ds.size))).astype(int)]
         rect = layer in model.linear_layers
-        s1 = maximize(model, params, layer, ds, "native", steps=steps1, rectify=rect)
-        dec = decompose(s1.videos, steps=dsteps, ids=ds)
+        stage1 = stage1_config("native", steps=steps1, rectify=rect)
+        s1 = maximize(model, params, layer, ds, config=stage1)
+        dec = decompose(s1.videos, ds, config=decomposition.Config(steps=dsteps))
         m0 = motion_summary(dec)
         d2 = tuning.angular_difference(tun.preferred_deg[ds], m0.direction_deg)
         print(f"{layer}: {ds.size} DS channels measured; median |grating - stage2| {np.nanmedian(d2):.1f} deg")
         for motion in MOTIONS:
-            r = refine(model, params, layer, dec, ds, steps=rsteps, preset="native", rectify=rect,
-                       config=Config(motion=motion))
+            r = refine(model, params, layer, dec, ds, config=Config(motion=motion, steps=rsteps, preset=stage1))
             m1 = motion_summary(r)
             d3 = tuning.angular_difference(tun.preferred_deg[ds], m1.direction_deg)
             print(f"   {motion} motion: median |grating - refined| {np.nanmedian(d3):.1f} deg, closer than stage 2 on "
                   f"{np.sum(d3 < d2)}; within 45: stage2 {np.mean(d2 <= 45):.2f} refined {np.mean(d3 <= 45):.2f}; "
                   f"objective stage1 {np.mean(s1.objective):.3f} refined {np.mean(r.objective):.3f} "
                   f"(ratio min {np.min(np.asarray(r.objective) / np.asarray(s1.objective)):.3f}); {time.time() - t:.0f}s")
-            print(f"   per channel (ch, grating, stage2, refined, speed2, speed3): " + "; ".join(
+            print("   per channel (ch, grating, stage2, refined, speed2, speed3): " + "; ".join(
                 f"{c} {g:.0f} {a:.0f} {b:.0f} {s:.2f} {u:.2f}" for c, g, a, b, s, u in zip(
                     ds, tun.preferred_deg[ds], np.asarray(m0.direction_deg), np.asarray(m1.direction_deg),
                     np.asarray(m0.speed), np.asarray(m1.speed))), flush=True)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kv3d_jax import decompose, motion_summary
-from kv3d_jax.decompose import Config, initial_displacement, normalise, objective
-from kv3d_jax.motion import psnr
+from kv3d_jax.decomposition import Config, initial_displacement, normalise, objective
+from kv3d_jax.decomposition import psnr
 from kv3d_jax.stimuli import translating_texture, velocity_from_direction
 from kv3d_jax.warp import inside, warp_batch
 
@@ -109,8 +109,8 @@ def _assert_same(x, y):
 def test_batch_independence_with_per_video_keys():
     videos = _pair()
     keys = jax.random.split(jax.random.key(7), 2)
-    together = decompose(videos, steps=20, key=keys)
-    alone = [decompose(videos[i : i + 1], steps=20, key=keys[i : i + 1]) for i in range(2)]
+    together = decompose(videos, config=Config(steps=20), key=keys)
+    alone = [decompose(videos[i : i + 1], config=Config(steps=20), key=keys[i : i + 1]) for i in range(2)]
     for i in range(2):
         _assert_same(jax.tree.map(lambda x: x[i : i + 1], together), alone[i])
 
@@ -118,24 +118,26 @@ def test_batch_independence_with_per_video_keys():
 def test_single_key_with_ids_is_batch_independent_and_keys_matter():
     videos = _pair()
     key = jax.random.key(3)
-    together = decompose(videos, steps=5, key=key, ids=[10, 11])
-    second = decompose(videos[1:], steps=5, key=key, ids=[11])
+    together = decompose(videos, [10, 11], config=Config(steps=5), key=key)
+    second = decompose(videos[1:], [11], config=Config(steps=5), key=key)
     _assert_same(jax.tree.map(lambda x: x[1:], together), second)
-    other = decompose(videos[1:], steps=5, key=key, ids=[12])
+    other = decompose(videos[1:], [12], config=Config(steps=5), key=key)
     assert np.abs(np.asarray(other.static) - np.asarray(second.static)).max() > 1e-4
 
 
 def test_progress_is_reported_after_each_chunk_and_chunking_changes_nothing():
     videos = _pair()
     calls = []
-    chunked = decompose(videos, steps=5, chunk=2, progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(2, 5), (4, 5), (5, 5)]
-    _assert_same(chunked, decompose(videos, steps=5))
+    chunked = decompose(videos, config=Config(steps=5, chunk=2), callback=lambda *call: calls.append(call))
+    assert [call[:2] for call in calls] == [(2, 5), (4, 5), (5, 5)]
+    # The metric is the mean loss of the batch's last step: positive, and falling.
+    assert all(call[2] > 0 for call in calls) and calls[-1][2] < calls[0][2]
+    _assert_same(chunked, decompose(videos, config=Config(steps=5)))
 
 
 def test_result_is_in_the_input_units():
     videos = _pair()
-    start = decompose(videos, steps=0)
+    start = decompose(videos, config=Config(steps=0))
     np.testing.assert_allclose(np.asarray(start.static), videos[:, 0], atol=1e-5)
     np.testing.assert_allclose(np.asarray(start.reconstruction[:, 0]), videos[:, 0], atol=1e-5)
     assert start.displacement.shape == (2, 6, 24, 20, 2)
@@ -158,15 +160,27 @@ def test_normalise_round_trip_and_constant_video():
         ({"videos": np.zeros((6, 8, 8, 3), np.float32)}, "videos \\(K, T, H, W, 3\\)"),
         ({"videos": np.zeros((1, 1, 8, 8, 3), np.float32)}, "at least 2 frames"),
         ({"videos": np.zeros((1, 4, 8, 8, 3), np.uint8)}, "divide uint8 by 255"),
-        ({"videos": np.full((2, 4, 8, 8, 3), np.nan, np.float32)}, "NaN or infinite"),
-        ({"lambda_x": 1.0}, "unknown decompose option"),
-        ({"chunk": 0}, "chunk must be at least 1"),
-        ({"steps": -1}, "steps must be >= 0"),
-        ({"key": jax.random.split(jax.random.key(0), 3)}, "3 keys for 2 videos"),
+        ({"videos": np.zeros((0, 4, 8, 8, 3), np.float32)}, "no videos"),
+        ({"config": {"steps": 3}}, "config must be a kv3d_jax.decomposition.Config"),
+        ({"config": Config(chunk=0)}, "chunk must be at least 1"),
+        ({"config": Config(steps=-1)}, "steps must be at least 0"),
+        ({"key": jax.random.split(jax.random.key(0), 3)}, "keys of shape \\(3,\\) for 2 kernels"),
         ({"key": jax.random.key(0), "ids": [1]}, "1 ids for 2 videos"),
     ],
 )
 def test_bad_input_names_the_problem(kwargs, message):
-    kwargs = {"videos": np.zeros((2, 4, 8, 8, 3), np.float32), "steps": 0, **kwargs}
+    kwargs = {"videos": np.zeros((2, 4, 8, 8, 3), np.float32), "config": Config(steps=0), **kwargs}
     with pytest.raises(ValueError, match=message):
         decompose(kwargs.pop("videos"), **kwargs)
+
+
+def test_a_non_finite_video_fails_alone():
+    videos = _pair()
+    broken = videos.copy()
+    broken[0, 2, 5, 7, 1] = np.nan
+    config = Config(steps=10)
+    clean, spoiled = decompose(videos, config=config), decompose(broken, config=config)
+    np.testing.assert_array_equal(clean.failed, [False, False])
+    np.testing.assert_array_equal(spoiled.failed, [True, False])
+    for name in ("static", "displacement", "reconstruction", "psnr"):
+        np.testing.assert_array_equal(np.asarray(getattr(spoiled, name))[1], np.asarray(getattr(clean, name))[1])

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kv3d_jax import distribute, models, params_io, zoo
-from kv3d_jax.maximize import PRESETS, init_state, kernel_keys, make_step, maximize
+from kv3d_jax import decomposition, distribute, maximization, models, params_io, refinement, runner, zoo
+from kv3d_jax.decomposition import decompose
+from kv3d_jax.maximization import maximize
 from kv3d_jax.models import motionnet
 
 ROOT = Path(__file__).parents[1]
@@ -37,64 +38,63 @@ def _finish(process: subprocess.Popen, timeout: float = 120) -> str:
     return out
 
 
-def test_sharded_over_8_devices_equals_one_device():
-    # The jitter is switched off (shift 0, scale 1): under SPMD partitioning XLA rewrites the
-    # jitter's divisions differently, and Adam's normalised step turns those 1-ulp differences
-    # in near-zero gradients into visible ones. Without it the results must agree exactly.
-    code = """
-        import dataclasses, json
-        import jax, numpy as np
-        from kv3d_jax import distribute, models
-        from kv3d_jax.maximize import PRESETS, init_state, kernel_keys, make_step, maximize
-        from kv3d_jax.models import motionnet
-
-        assert jax.local_device_count() == 8
-        model, params = models.get("motionnet"), motionnet.init_params(jax.random.PRNGKey(0))
-        preset = dataclasses.replace(PRESETS["native"], shape=(8, 16, 16), max_shift=(1, 1, 1), scales=(1.0,))
-        run = lambda **kw: maximize(model, params, "conv3", [0, 3, 5, 9, 11], preset, steps=4, chunk=2, **kw)
-        one = run(mesh=distribute.kernel_mesh(jax.devices()[:1]))
-        results = {"auto batch": run(), "batch 2, padded to 8": run(batch_size=2)}
-        shards = distribute.shard_kernels(np.zeros((8, 3)), distribute.kernel_mesh())
-        print(json.dumps({
-            "shards": sorted(s.data.shape[0] for s in shards.addressable_shards),
-            "channels": {k: r.channels.tolist() for k, r in results.items()},
-            "videos": {k: float(np.abs(np.asarray(r.videos) - np.asarray(one.videos)).max()) for k, r in results.items()},
-            "objective": {k: float(np.abs(np.asarray(r.objective) - np.asarray(one.objective)).max())
-                          for k, r in results.items()},
-        }))
-    """
-    out = json.loads(_finish(_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})))
-    assert out["shards"] == [1] * 8
-    for name in out["videos"]:
-        assert out["channels"][name] == [0, 3, 5, 9, 11], name
-        assert out["videos"][name] <= 1e-5, name
-        assert out["objective"][name] <= 1e-5, name
-
-
-def test_decompose_sharded_over_8_devices_equals_one_device():
+def test_every_stage_sharded_over_any_1d_mesh_equals_one_device():
+    # The meshes a JAX user builds: jax.make_mesh with its default (explicit) axis types, any axis
+    # name, a hand-built Mesh, a part of the devices, and none (all local devices), also with a
+    # mesh set as the context.
     code = """
         import json
-        import jax, numpy as np
-        from kv3d_jax import decompose, distribute
-        from kv3d_jax.stimuli import translating_texture
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh
+        import kv3d_jax
+        from kv3d_jax import decomposition, distribute, maximization, refinement, zoo
 
-        videos = np.stack([translating_texture(np.random.default_rng(k), 6, 16, 16, (0.5 * k - 1, 0.7)) for k in range(5)])
-        run = lambda **kw: decompose(videos, steps=30, key=jax.random.PRNGKey(3), ids=[2, 4, 6, 8, 10], **kw)
-        one, eight = run(mesh=distribute.kernel_mesh(jax.devices()[:1])), run()
+        assert jax.local_device_count() == 8
+        model, params = zoo.load("motionnet")
+        from kv3d_jax.stimuli import translating_texture
+        # No jitter: XLA partitions the jitter's divisions differently per device count, and Adam
+        # turns those last-bit differences of near-zero gradients into visible ones.
+        stage1 = maximization.preset("native", shape=(8, 16, 16), max_shift=(1, 1, 1), scales=(1.0,), steps=4,
+                                     chunk=3)
+        channels = [0, 3, 5, 9, 11]
+        # Textured videos for stage 2: on flat stage-1 videos the border's batched scatter-add
+        # rounds per batch layout and Adam amplifies it (see the closing note of #15).
+        textures = np.stack([translating_texture(np.random.default_rng(k), 8, 16, 16, (0.5 * k - 1, 0.7))
+                             for k in range(5)])
+        meshes = {
+            "make_mesh": jax.make_mesh((8,), ("kernels",)),
+            "make_mesh named k": jax.make_mesh((4,), ("k",), devices=jax.devices()[4:]),
+            "Mesh": Mesh(np.array(jax.devices()), ("kernels",)),
+            "default": None,
+        }
+
+        def stages(mesh, batch_size=None):
+            kw = dict(mesh=mesh, batch_size=batch_size, key=jax.random.key(3))
+            one = kv3d_jax.maximize(model, params, "conv3", channels, config=stage1, **kw)
+            two = kv3d_jax.decompose(textures, channels, config=decomposition.Config(steps=10), **kw)
+            three = kv3d_jax.refine(model, params, "conv3", two, channels,
+                                    config=refinement.Config(steps=4, preset=stage1, chunk=3), **kw)
+            return {"videos": one.videos, "objective": one.objective, "static": two.static,
+                    "displacement": two.displacement, "refined_video": three.video,
+                    "refined_objective": three.objective}
+
+        reference = stages(distribute.kernel_mesh(jax.devices()[:1]))
+        results = {name: stages(mesh) for name, mesh in meshes.items()}
+        results["Mesh, batch 2 padded to 8"] = stages(meshes["Mesh"], batch_size=2)
+        with jax.set_mesh(meshes["make_mesh"]):
+            results["make_mesh as context"] = stages(meshes["make_mesh"])
         print(json.dumps({
-            # Each device runs per_kernel's function on its own slice: 16 kernels, 2 per device.
-            "seen": np.asarray(distribute.per_kernel(lambda x: x * 0 + x.shape[0], distribute.kernel_mesh())(
-                np.ones(16))).tolist(),
-            "shapes": [list(a.shape) for a in (eight.static, eight.displacement, eight.reconstruction, eight.psnr)],
-            "difference": {name: float(np.abs(np.asarray(getattr(eight, name)) - np.asarray(getattr(one, name))).max())
-                           for name in ("static", "displacement", "reconstruction", "psnr")},
+            name: {field: float(np.abs(np.asarray(value) - np.asarray(reference[field])).max())
+                   for field, value in result.items()}
+            for name, result in results.items()
         }))
     """
-    out = json.loads(_finish(_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})))
-    assert out["shapes"] == [[5, 16, 16, 3], [5, 6, 16, 16, 2], [5, 6, 16, 16, 3], [5]]
-    assert out["seen"] == [2.0] * 16
-    for name, difference in out["difference"].items():
-        assert difference <= 1e-5, name
+    out = json.loads(_finish(_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}), timeout=600))
+    assert set(out) == {"make_mesh", "make_mesh named k", "Mesh", "default", "Mesh, batch 2 padded to 8",
+                        "make_mesh as context"}
+    for name, differences in out.items():
+        for field, difference in differences.items():
+            assert difference <= 1e-5, (name, field, difference)
 
 
 def _free_port() -> int:
@@ -145,32 +145,69 @@ def test_kernels_per_device_follows_the_memory_analysis():
 SMALL = (8, 16, 16)
 
 
-def _step_bytes(model, params, layer, preset, k: int) -> int:
-    """Memory of one jitted stage-1 step of ``k`` kernels, from XLA's memory analysis."""
-    init_keys, run_keys = kernel_keys(jax.random.PRNGKey(0), np.arange(k))
-    state = init_state(init_keys, jnp.arange(k), SMALL)
-    return distribute.program_bytes(jax.jit(make_step(model, layer, preset)).lower(params, state, run_keys).compile())
+def _chunk_bytes(problem, params, targets, per_device: int, length: int) -> float:
+    """Memory the runner plans for a batch: XLA's analysis of its compiled chunk, scaled."""
+    undercount = distribute.analysis_undercount(distribute.kernel_mesh())
+    return undercount * distribute.program_bytes(runner.compiled_chunk(problem, params, targets, per_device, length))
+
+
+def _budget_for(problem, params, targets, length: int, kernels: int) -> int:
+    """A memory budget that fits ``kernels`` kernels per device and not one more."""
+    one, two = (_chunk_bytes(problem, params, targets, n, length) for n in (1, 2))
+    return int(one + (kernels - 1) * (two - one) + (two - one) // 2)
 
 
 def test_a_memory_budget_splits_the_kernels_into_batches_with_the_same_results():
-    model, params, preset = models.get("motionnet"), motionnet.init_params(jax.random.PRNGKey(0)), PRESETS["native"]
-    run = lambda **kw: maximize(model, params, "conv2", [1, 2, 5], preset, steps=2, shape=SMALL, **kw)
+    model, params = models.get("motionnet"), motionnet.init_params(jax.random.PRNGKey(0))
+    config = maximization.preset("native", steps=2, shape=SMALL)
+    run = lambda **kw: maximize(model, params, "conv2", [1, 2, 5], config=config, **kw)
     whole = run()
-    two = _step_bytes(model, params, "conv2", preset, 2)
-    per_kernel = two - _step_bytes(model, params, "conv2", preset, 1)
+    problem = maximization.problem(model, "conv2", config, SMALL)
+    targets = jnp.zeros((1,), jnp.int32)
     totals = []
-    undercount = distribute.analysis_undercount(distribute.kernel_mesh())
-    batched = run(memory_budget=int(undercount * (two + per_kernel // 2)),
+    batched = run(memory_budget=_budget_for(problem, params, targets, 2, 2),
                   callback=lambda done, total, _: totals.append(total))
     assert totals[-1] == 2 * 2  # two batches (2 kernels, then 1 padded), 2 steps each
     np.testing.assert_allclose(batched.videos, whole.videos, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(batched.channels, [1, 2, 5])
     with pytest.raises(MemoryError, match="one kernel needs"):
-        run(memory_budget=int(undercount * per_kernel // 2))
+        run(memory_budget=int(_chunk_bytes(problem, params, targets, 1, 2) * 0.5))
 
 
-def test_a_mesh_that_cannot_shard_kernels_is_refused():
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
-    with pytest.raises(ValueError, match="axis 'kernels'.*kernel_mesh"):
-        distribute.check_mesh(mesh)
+def test_refine_and_decompose_batch_from_the_memory_budget_too():
+    model, params = models.get("motionnet"), motionnet.init_params(jax.random.PRNGKey(0))
+    stage1 = maximization.preset("native", shape=SMALL, steps=2)
+    start = maximize(model, params, "conv2", [1, 2, 5], config=stage1)
+    config = decomposition.Config(steps=3)
+    dec_problem = decomposition.problem(config, False)
+    totals = []
+    whole = decompose(start.videos, config=config)
+    batched = decompose(start.videos, config=config, memory_budget=_budget_for(dec_problem, {}, start.videos, 3, 1),
+                        callback=lambda done, total, _: totals.append(total))
+    assert totals[-1] == 3 * 3  # three batches of one kernel
+    # Not bit-equal: near the border, where many sample points clamp onto the same pixels, the
+    # batched scatter-add of the warp's gradient sums in an order that depends on the batch, and
+    # Adam turns those last-bit differences of near-zero gradients into whole steps.
+    np.testing.assert_allclose(batched.psnr, whole.psnr, atol=0.1)
 
+    refine_config = refinement.Config(steps=2, preset=stage1)
+    problem = refinement.problem(model, "conv2", refine_config, SMALL, True)
+    targets = {"channel": jnp.zeros((1,), jnp.int32), "start": refinement.from_decomposition(whole),
+               "reconstruction": whole.reconstruction}
+    targets = jax.tree.map(lambda leaf: leaf[:1], targets)
+    totals.clear()
+    refined = refinement.refine(model, params, "conv2", whole, [1, 2, 5], config=refine_config,
+                                memory_budget=_budget_for(problem, params, targets, 2, 2),
+                                callback=lambda done, total, _: totals.append(total))
+    assert totals[-1] == 2 * 2  # 2 kernels, then 1 padded
+    alone = refinement.refine(model, params, "conv2", whole, [1, 2, 5], config=refine_config, batch_size=3)
+    np.testing.assert_allclose(refined.video, alone.video, atol=1e-5, rtol=0)
+    with pytest.raises(MemoryError, match="one kernel needs"):
+        refinement.refine(model, params, "conv2", whole, [1, 2, 5], config=refine_config,
+                          memory_budget=int(_chunk_bytes(problem, params, targets, 1, 2) * 0.5))
+
+
+def test_a_mesh_of_more_than_one_axis_is_refused():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("a", "b"))
+    with pytest.raises(ValueError, match="1-D mesh of devices.*jax.make_mesh"):
+        distribute.as_kernel_mesh(mesh)

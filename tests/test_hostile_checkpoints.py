@@ -103,7 +103,7 @@ def test_kv3d_convert_refuses_in_one_line(tmp_path, baseline_rss_kb, case, fmt):
     assert "Traceback" not in run.stderr
     lines = run.stderr.splitlines()
     assert len(lines) == 1, run.stderr[-2000:]
-    assert lines[0].startswith(f"kv3d convert: error: ") and str(checkpoint) in lines[0]
+    assert lines[0].startswith("kv3d convert: error: ") and str(checkpoint) in lines[0]
     assert re.search(problem, lines[0]), lines[0]
     assert run.stdout == ""
     assert sorted(folder.iterdir()) == before

@@ -12,7 +12,7 @@ import pytest
 
 from kv3d_jax import models, parameterizations, transforms
 from kv3d_jax.cli import main
-from kv3d_jax.maximize import PRESETS, maximize, minmax_normalize
+from kv3d_jax.maximization import PRESETS, maximize, minmax_normalize, preset
 from kv3d_jax.models import c3d
 
 C3D = models.get("c3d")
@@ -28,7 +28,8 @@ def c3d_params():
 
 
 def test_kernels_are_independent_of_their_batch(c3d_params):
-    run = lambda channels, **kw: maximize(C3D, c3d_params, "conv2", channels, SMALL_PRESET, steps=6, chunk=3, **kw)
+    run = lambda channels, **kw: maximize(C3D, c3d_params, "conv2", channels,
+                                              config=preset(SMALL_PRESET, steps=6, chunk=3), **kw)
     together = run([3, 7])
     alone = [run([c]) for c in (3, 7)]
     one_by_one = run([3, 7], batch_size=1)
@@ -39,14 +40,14 @@ def test_kernels_are_independent_of_their_batch(c3d_params):
 
 
 def test_chunking_does_not_change_the_result(c3d_params):
-    run = lambda chunk: maximize(C3D, c3d_params, "conv2", [5], SMALL_PRESET, steps=6, chunk=chunk)
+    run = lambda chunk: maximize(C3D, c3d_params, "conv2", [5], config=preset(SMALL_PRESET, steps=6, chunk=chunk))
     np.testing.assert_allclose(run(6).videos, run(2).videos, atol=1e-5, rtol=0)
 
 
 def test_weighted_objective_with_one_hot_weights_is_the_channel_objective(c3d_params):
-    kw = dict(preset=SMALL_PRESET, steps=3)
-    by_channel = maximize(C3D, c3d_params, "conv2", [0, 1], **kw)
-    by_weights = maximize(C3D, c3d_params, "conv2", objective="weighted", weights=np.eye(128)[:2], **kw)
+    by_channel = maximize(C3D, c3d_params, "conv2", [0, 1], config=preset(SMALL_PRESET, steps=3))
+    by_weights = maximize(C3D, c3d_params, "conv2", weights=np.eye(128)[:2],
+                          config=preset(SMALL_PRESET, steps=3, objective="weighted"))
     np.testing.assert_allclose(by_channel.videos, by_weights.videos, atol=1e-5, rtol=0)
     np.testing.assert_allclose(by_channel.objective, by_weights.objective, rtol=1e-5)
 
@@ -61,7 +62,7 @@ def layer_responses(params, layer, videos) -> np.ndarray:
 @pytest.mark.parametrize("layer", C3D.layers)
 def test_optimised_videos_excite_their_own_channel(c3d_params, layer):
     channels = [0, 1]
-    result = maximize(C3D, c3d_params, layer, channels, SMALL_PRESET, steps=20)
+    result = maximize(C3D, c3d_params, layer, channels, config=preset(SMALL_PRESET, steps=20))
     # Random videos: the starting distribution, min–max normalised like the results.
     init = parameterizations.get("pixel").init
     keys = jax.random.split(jax.random.PRNGKey(1), 8)
@@ -80,17 +81,17 @@ def test_optimised_videos_excite_their_own_channel(c3d_params, layer):
 
 def test_linear_objective_warns_and_says_so(c3d_params):
     with pytest.warns(UserWarning, match="linear in the input.*flat colour"):
-        result = maximize(C3D, c3d_params, "conv1", [0], SMALL_PRESET, steps=1)
+        result = maximize(C3D, c3d_params, "conv1", [0], config=preset(SMALL_PRESET, steps=1))
     assert result.linear
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not maximize(C3D, c3d_params, "conv1", [0], SMALL_PRESET, steps=1, rectify=True).linear
+        assert not maximize(C3D, c3d_params, "conv1", [0], config=preset(SMALL_PRESET, steps=1, rectify=True)).linear
         # A single neuron is linear too, but its optimum is the kernel's own pattern: no warning.
-        assert maximize(C3D, c3d_params, "conv1", [0], SMALL_PRESET, steps=1, objective="neuron").linear
+        assert maximize(C3D, c3d_params, "conv1", [0], config=preset(SMALL_PRESET, steps=1, objective="neuron")).linear
 
 
 def test_result_videos_are_minmax_normalised(c3d_params):
-    result = maximize(C3D, c3d_params, "conv1", [2, 9], SMALL_PRESET, steps=2, rectify=True)
+    result = maximize(C3D, c3d_params, "conv1", [2, 9], config=preset(SMALL_PRESET, steps=2, rectify=True))
     videos = np.asarray(result.videos)
     assert videos.shape == (2, *SMALL, 3) and result.objective.shape == (2,)
     np.testing.assert_allclose(videos.min(axis=(1, 2, 3, 4)), 0, atol=1e-6)
@@ -98,8 +99,8 @@ def test_result_videos_are_minmax_normalised(c3d_params):
 
 
 def test_fourier_parameterization_optimises(c3d_params):
-    result = maximize(C3D, c3d_params, "conv2", [4], SMALL_PRESET, steps=10, parameterization="fourier")
-    start = maximize(C3D, c3d_params, "conv2", [4], SMALL_PRESET, steps=1, parameterization="fourier")
+    result = maximize(C3D, c3d_params, "conv2", [4], config=preset(SMALL_PRESET, steps=10, parameterization="fourier"))
+    start = maximize(C3D, c3d_params, "conv2", [4], config=preset(SMALL_PRESET, steps=1, parameterization="fourier"))
     assert result.objective[0] > start.objective[0]
     with pytest.raises(ValueError, match="even width"):
         parameterizations.fourier_init(jax.random.PRNGKey(0), (4, 6, 7))
@@ -115,20 +116,29 @@ def test_random_jitter_draws_every_allowed_value():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(layer="conv9"), "valid layers are: conv1, conv2"),
-    (dict(preset="fast"), "valid presets are: paper, native"),
-    (dict(objective="max"), "valid objectives are: channel, neuron, weighted"),
-    (dict(parameterization="cppn"), "valid parameterizations are: pixel, fourier"),
+    (dict(config="fast"), "valid presets are: paper, native"),
+    (dict(config=preset(SMALL_PRESET, objective="max")), "valid objectives are: channel, neuron, weighted"),
+    (dict(config=preset(SMALL_PRESET, parameterization="cppn")), "valid parameterizations are: pixel, fourier"),
     (dict(channels=[3, 64]), "conv1 has channels 0..63; got \\[64\\]"),
-    (dict(steps=0), "steps must be at least 1"),
+    (dict(config=preset(SMALL_PRESET, steps=0)), "steps must be at least 1"),
+    (dict(config=preset(SMALL_PRESET, chunk=0)), "chunk must be at least 1"),
     (dict(batch_size=0), "batch_size must be at least 1"),
-    (dict(layer="conv5b", preset=SMALL_PRESET, shape=(4, 16, 16)), "too small to reach conv5b"),
-    (dict(objective="weighted"), "needs weights"),
-    (dict(objective="weighted", weights=np.ones((2, 5))), "weights must have shape \\(K, 64\\)"),
+    (dict(layer="conv5b", config=preset(SMALL_PRESET, shape=(4, 16, 16))), "too small to reach conv5b"),
+    (dict(config=preset(SMALL_PRESET, objective="weighted")), "needs weights"),
+    (dict(config=preset(SMALL_PRESET, objective="weighted"), weights=np.ones((2, 5))),
+     "weights must have shape \\(K, 64\\)"),
+    (dict(key=jax.random.split(jax.random.PRNGKey(0), 3)), "keys of shape \\(3, 2\\) for 1 kernels"),
 ])
 def test_bad_arguments_are_named(c3d_params, kwargs, message):
-    args = dict(layer="conv1", channels=None if kwargs.get("objective") == "weighted" else [0])
+    weighted = isinstance(kwargs.get("config"), type(SMALL_PRESET)) and kwargs["config"].objective == "weighted"
+    args = dict(layer="conv1", channels=None if weighted else [0], config=preset(SMALL_PRESET, steps=1))
     with pytest.raises(ValueError, match=message):
         maximize(C3D, c3d_params, **{**args, **kwargs})
+
+
+def test_preset_names_unknown_settings():
+    with pytest.raises(ValueError, match="unknown stage-1 setting.*'stepz'.*valid ones are: shape"):
+        preset("native", stepz=3)
 
 
 def test_cli_writes_a_gif_per_kernel_and_an_npz(c3d_params_files, tmp_path, capsys):

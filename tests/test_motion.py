@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kv3d_jax.decompose import Decomposition
+from kv3d_jax.decomposition import Decomposition
 from kv3d_jax.motion import direction_deg, motion_summary, observability, psnr, velocity
 from kv3d_jax.stimuli import translating_texture, velocity_from_direction
 
@@ -22,7 +22,7 @@ def _rigid(velocities, t=6, h=24, w=24, seed=0) -> Decomposition:
     displacements = jnp.asarray(np.stack(displacements), jnp.float32)
     k = len(velocities)
     recon = jnp.zeros((k, t, h, w, 3))
-    return Decomposition(statics, displacements, recon, {}, jnp.full((k,), 33.0))
+    return Decomposition(statics, displacements, recon, {}, jnp.full((k,), 33.0), np.zeros(k, bool))
 
 
 def test_velocity_is_minus_the_change_of_displacement():

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from kv3d_jax import cli, decompose, maximize, params_io, pipeline, zoo
+from kv3d_jax import cli, decompose, decomposition, maximization, maximize, params_io, pipeline, zoo
 from kv3d_jax.models import UnknownLayerError, VideoModel, motionnet
 from kv3d_jax.store import StoreError, params_checksum
 
@@ -170,11 +170,11 @@ def test_a_sweep_stores_every_kernel_and_a_gallery_with_local_files_only(tmp_pat
     assert record["objective"].shape == () and str(record["layer"]) == "b" and int(record["channel"]) == 1
     # Each stage got the keys compute_chunk documents: (seed, layer, channel) and nothing else.
     key = pipeline.layer_key(SETTINGS.seed, "b")
-    stage1 = maximize(TINY, TINY_PARAMS, "b", channels=[1], preset="native", steps=SETTINGS.steps,
+    stage1 = maximize(TINY, TINY_PARAMS, "b", channels=[1], config=maximization.preset("native", steps=SETTINGS.steps),
                       key=jax.random.fold_in(key, 1))
     np.testing.assert_allclose(record["video"], stage1.videos[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(record["objective"], stage1.objective[0], rtol=1e-6, atol=1e-6)
-    stage2 = decompose(stage1.videos, steps=SETTINGS.decompose_steps,
+    stage2 = decompose(stage1.videos, config=decomposition.Config(steps=SETTINGS.decompose_steps),
                        key=jax.random.fold_in(jax.random.fold_in(key, 2), 1)[None])
     np.testing.assert_allclose(record["displacement"], stage2.displacement[0], rtol=1e-6, atol=1e-6)
     links = _links(index) + _links(tmp_path / "b.html")

@@ -4,7 +4,6 @@ kernels, its regularisers, what it reaches on C3D, and its place in `kv3d visual
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import flax.linen as nn
 import jax
@@ -16,12 +15,13 @@ import torch.nn.functional as F
 
 from kv3d_jax import models, parameterizations, pipeline, writers
 from kv3d_jax.cli import build_parser
-from kv3d_jax.decompose import Decomposition, decompose
-from kv3d_jax.maximize import PRESETS, maximize
+from kv3d_jax import decomposition
+from kv3d_jax.decomposition import Decomposition, decompose
+from kv3d_jax.maximization import PRESETS, maximize, preset
 from kv3d_jax.models import VideoModel, c3d
 from kv3d_jax.motion import motion_summary
-from kv3d_jax.refine import (DEFAULT_STEPS, Config, Refinement, from_decomposition, penalty, refine,
-                             used_displacement)
+from kv3d_jax.refinement import (DEFAULT_STEPS, Config, Refinement, from_decomposition, penalty, refine,
+                                 used_displacement)
 from kv3d_jax.tuning import angular_difference
 from kv3d_jax.warp import warp_batch
 
@@ -63,6 +63,17 @@ def _torch_video(static: np.ndarray, displacement: np.ndarray):
     frames = F.grid_sample(image.permute(2, 0, 1)[None].expand(t, -1, -1, -1), grid, mode="bilinear",
                            padding_mode="border", align_corners=True)
     return frames.permute(0, 2, 3, 1), p, d
+
+
+def _torch_warp(image: np.ndarray, displacement: np.ndarray) -> np.ndarray:
+    """``image`` ``(H, W, 3)`` backward-warped by ``displacement`` ``(T, H, W, 2)`` px with grid_sample."""
+    t, h, w, _ = displacement.shape
+    d = torch.tensor(displacement)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    grid = torch.stack([(xs + d[..., 0]) * 2 / (w - 1) - 1, (ys + d[..., 1]) * 2 / (h - 1) - 1], dim=-1)
+    frames = F.grid_sample(torch.tensor(image).permute(2, 0, 1)[None].expand(t, -1, -1, -1), grid, mode="bilinear",
+                           padding_mode="border", align_corners=True)
+    return frames.permute(0, 2, 3, 1).numpy()
 
 
 def test_warp_parameterization_and_its_gradients_match_grid_sample():
@@ -144,7 +155,7 @@ def _translating(k: int, shape=SMALL) -> Decomposition:
     displacement = -np.arange(t, dtype=np.float32)[None, :, None, None, None] * velocity[:, None, None, None, :]
     displacement = jnp.asarray(np.broadcast_to(displacement, (k, t, h, w, 2)))
     video = warp_batch(static, displacement)
-    return Decomposition(static, displacement, video, {}, jnp.zeros((k,)))
+    return Decomposition(static, displacement, video, {}, jnp.zeros((k,)), np.zeros(k, bool))
 
 
 def _take(decomposition: Decomposition, index) -> Decomposition:
@@ -160,8 +171,8 @@ def test_the_start_reproduces_the_decomposition():
 
 def test_kernels_are_independent_of_their_batch():
     dec = _translating(2)
-    run = lambda channels, d, **kw: refine(TINY, TINY_PARAMS, "b", d, channels, steps=4, preset=SMALL_PRESET,
-                                           chunk=2, **kw)
+    run = lambda channels, d, **kw: refine(TINY, TINY_PARAMS, "b", d, channels,
+                                           config=Config(steps=4, preset=SMALL_PRESET, chunk=2), **kw)
     for start, alone_start in ((dec, lambda i: _take(dec, [i])), (None, lambda i: None)):
         together = run([2, 5], start)
         alone = [run([c], alone_start(i)) for i, c in enumerate((2, 5))]
@@ -176,8 +187,8 @@ def test_kernels_are_independent_of_their_batch():
 
 def test_regularisers_smooth_the_static_and_the_motion():
     dec = _translating(2)
-    run = lambda lam: refine(TINY, TINY_PARAMS, "b", dec, [1, 4], steps=20, preset=SMALL_PRESET,
-                             config=Config(lambda_d=lam, lambda_i=lam))
+    run = lambda lam: refine(TINY, TINY_PARAMS, "b", dec, [1, 4],
+                             config=Config(lambda_d=lam, lambda_i=lam, steps=20, preset=SMALL_PRESET))
     free, smooth = run(0.0), run(10.0)
     for term in ("tv_displacement", "tv_static"):
         assert np.all(np.asarray(smooth.terms[term]) < 0.9 * np.asarray(free.terms[term])), term
@@ -186,13 +197,16 @@ def test_regularisers_smooth_the_static_and_the_motion():
 
 def test_refinement_reads_like_a_decomposition(tmp_path):
     dec = _translating(2)
-    result = refine(TINY, TINY_PARAMS, "b", dec, [0, 5], steps=2, preset=SMALL_PRESET)
+    result = refine(TINY, TINY_PARAMS, "b", dec, [0, 5], config=Config(steps=2, preset=SMALL_PRESET))
     assert isinstance(result, Refinement) and result.layer == "b"
     assert result.static.shape == (2, 16, 16, 3) and result.displacement.shape == (2, *SMALL, 2)
     np.testing.assert_allclose(np.asarray(result.static).min(axis=(1, 2, 3)), 0.0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(result.static).max(axis=(1, 2, 3)), 1.0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(result.reconstruction),
-                               np.asarray(warp_batch(result.static, result.displacement)), atol=1e-6)
+    # The video is the static seen through the displacement, by an independent warp (grid_sample).
+    for k in range(2):
+        np.testing.assert_allclose(np.asarray(result.reconstruction[k]),
+                                   _torch_warp(np.asarray(result.static[k]), np.asarray(result.displacement[k])),
+                                   atol=1e-5)
     # The default motion: one velocity per pixel, the same in every frame.
     u = np.diff(np.asarray(result.displacement), axis=1)
     np.testing.assert_allclose(u, np.broadcast_to(u[:, :1], u.shape), atol=1e-5)
@@ -210,14 +224,16 @@ def test_refinement_reads_like_a_decomposition(tmp_path):
     (dict(channels=[0]), "holds 2 kernels but 1 channels were named"),
     (dict(decomposition="videos"), "needs a decomposition with .static"),
     (dict(decomposition=_translating(2).replace(static=jnp.zeros((2, 16, 14, 3)))), "do not match"),
-    (dict(objective="weighted"), "one channel per kernel"),
-    (dict(config=Config(motion="rigid")), "unknown motion 'rigid'; valid motions are: constant, free"),
-    (dict(steps=0), "steps must be at least 1"),
+    (dict(config=Config(preset=preset(SMALL_PRESET, objective="weighted"))), "one channel per kernel"),
+    (dict(config=Config(motion="rigid", preset=SMALL_PRESET)), "unknown motion 'rigid'; valid motions are: constant, free"),
+    (dict(config=Config(steps=0, preset=SMALL_PRESET)), "steps must be at least 1"),
+    (dict(config=Config(preset="fast")), "valid presets are: paper, native"),
+    (dict(config=SMALL_PRESET), "config must be a kv3d_jax.refinement.Config"),
     (dict(channels=[0, 6]), "b has channels 0..5; got \\[6\\]"),
     (dict(layer="c"), "valid layers are: a, b"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
-    args = dict(layer="b", decomposition=_translating(2), channels=[0, 1], preset=SMALL_PRESET)
+    args = dict(layer="b", decomposition=_translating(2), channels=[0, 1], config=Config(preset=SMALL_PRESET))
     with pytest.raises(ValueError, match=message):
         refine(TINY, TINY_PARAMS, **{**args, **kwargs})
 
@@ -227,9 +243,9 @@ def test_bad_arguments_are_named(kwargs, message):
 @pytest.mark.parametrize("layer", ["conv2", "conv3b"])
 def test_refined_c3d_kernels_keep_their_objective_and_their_motion(c3d_params, layer):
     channels, steps = [0, 1], 20
-    start = maximize(C3D, c3d_params, layer, channels, SMALL_PRESET, steps=steps)
-    dec = decompose(start.videos, steps=50)
-    refined = refine(C3D, c3d_params, layer, dec, channels, steps=steps, preset=SMALL_PRESET)
+    start = maximize(C3D, c3d_params, layer, channels, config=preset(SMALL_PRESET, steps=steps))
+    dec = decompose(start.videos, config=decomposition.Config(steps=50))
+    refined = refine(C3D, c3d_params, layer, dec, channels, config=Config(steps=steps, preset=SMALL_PRESET))
     before, after = np.asarray(start.objective), np.asarray(refined.objective)
     # At least 80 % of the stage-1 objective (and no worse than 1.2 times a negative one).
     assert np.all(after >= before - 0.2 * np.abs(before)), f"{after} vs stage 1 {before}"
@@ -249,13 +265,13 @@ def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
     # Not the default motion, so that the setting is seen to reach the refinement.
     settings = pipeline.Settings(model="tiny", preset="native", steps=4, decompose_steps=4, seed=5, refine_steps=4,
                                  refine_motion="free")
-    pipeline.visualize(TINY, TINY_PARAMS, ["b"], "1", tmp_path, settings, chunk=2, log=io.StringIO())
+    pipeline.visualize(TINY, TINY_PARAMS, ["b"], "1", tmp_path, settings, chunk=2)
     record = dict(np.load(tmp_path / "kernels" / "b" / "1.npz"))
     # Stage 3 starts from the stored decomposition with the key compute_chunk documents.
     dec = Decomposition(*(jnp.asarray(record[name])[None] for name in ("static", "displacement", "reconstruction")),
-                        {}, jnp.zeros((1,)))
-    expected = refine(TINY, TINY_PARAMS, "b", dec, [1], steps=4, preset="native",
-                      key=jax.random.fold_in(pipeline.layer_key(5, "b"), 3), config=Config(motion="free"))
+                        {}, jnp.zeros((1,)), np.zeros(1, bool))
+    expected = refine(TINY, TINY_PARAMS, "b", dec, [1], key=jax.random.fold_in(pipeline.layer_key(5, "b"), 3),
+                      config=Config(motion="free", steps=4, preset="native"))
     for name in ("static", "displacement", "video", "objective"):
         np.testing.assert_allclose(record[f"refined_{name}"], np.asarray(getattr(expected, name))[0], atol=1e-5,
                                    rtol=1e-5, err_msg=name)
@@ -264,14 +280,14 @@ def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
     assert {"tiny_b_1_static.png", "tiny_b_1_refined_static.png", "tiny_b_1_refined_motion.gif",
             "tiny_b_1_refined_video.gif", "tiny_b_1_refined_deform.gif"} <= names
     assert "4 refinement steps (free motion)" in (tmp_path / "b.html").read_text()
-    with pytest.raises(ValueError, match="--refine steps must be at least 1"):
+    with pytest.raises(ValueError, match="refine_steps must be at least 1"):
         dataclasses.replace(settings, refine_steps=-1)
-    with pytest.raises(ValueError, match="unknown --refine-motion 'rigid'; valid motions are: constant, free"):
+    with pytest.raises(ValueError, match="unknown refine_motion 'rigid'; valid motions are: constant, free"):
         dataclasses.replace(settings, refine_motion="rigid")
 
 
 @pytest.mark.parametrize("parameterization", ["static_displacement", "static_velocity"])
 def test_stage_1_optimises_the_warp_parameterizations_too(parameterization):
-    run = lambda steps: maximize(TINY, TINY_PARAMS, "b", [3], SMALL_PRESET, steps=steps, chunk=1,
-                                 parameterization=parameterization)
+    run = lambda steps: maximize(TINY, TINY_PARAMS, "b", [3],
+                                 config=preset(SMALL_PRESET, steps=steps, chunk=1, parameterization=parameterization))
     assert float(run(8).objective[0]) > float(run(1).objective[0])

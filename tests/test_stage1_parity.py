@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kv3d_jax import objectives, parameterizations, transforms
-from kv3d_jax.maximize import Preset, init_state, make_step
+from kv3d_jax.maximization import Config as Preset, init_state, make_step
 from kv3d_jax.models.base import VideoModel
 
 # SPEC §2 item 2, typed in again rather than imported.

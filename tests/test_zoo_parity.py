@@ -28,7 +28,7 @@ from converters import i3d as i3d_converter
 from converters import torchvision_video as tv_converter
 from converters import vqvae as vqvae_converter
 from kv3d_jax import cli, models, params_io, zoo
-from kv3d_jax.maximize import maximize
+from kv3d_jax.maximization import maximize, preset
 from kv3d_jax.models.layers import Conv3d, run_until
 from torch_models import capture
 
@@ -151,8 +151,8 @@ def test_every_conv_is_a_layer(case):
 
 def test_stage1_steps_run_on_converted_params(case):
     layer, shape = CASES[case["case"]].stage1
-    result = maximize(case["model"], case["params"], layer, channels=[0, 1], preset="native",
-                      steps=2, chunk=2, shape=shape, key=jax.random.PRNGKey(1))
+    result = maximize(case["model"], case["params"], layer, channels=[0, 1], key=jax.random.PRNGKey(1),
+                      config=preset("native", steps=2, chunk=2, shape=shape))
     assert result.videos.shape == (2, *shape, 3)
     assert np.all(np.isfinite(np.asarray(result.objective)))
     assert np.all(np.isfinite(np.asarray(result.videos)))

@@ -36,8 +36,9 @@ class VideoModel:
       linear_layers: layers whose activation is an affine function of the
         model input (so a channel-mean objective has a flat-colour optimum).
       apply_projected: optional ``apply_projected(params, video, upto, weights) ->
-        (N, T', H', W')``, the activation of ``upto`` projected onto channel weights
-        ``(C,)``, computing one channel's worth of that layer instead of ``C``.
+        (N, T', H', W')``, the activation of ``upto`` at channel index ``weights`` ``()``
+        or projected onto channel weights ``(C,)``, computing one channel's worth of that
+        layer instead of ``C``.
       config: the hyper-parameters the model was built with, as ``(name, value)`` pairs
         (empty for a model with one architecture); ``dict(config)`` rebuilds it with
         :func:`kv3d_jax.models.get`.
@@ -67,14 +68,19 @@ class VideoModel:
         return self.apply(params, video, self.check_layer(upto))
 
     def projected_features(self, params: Params, video: jax.Array, upto: str, weights: jax.Array) -> jax.Array:
-        """``features(params, video, upto) @ weights`` for channel weights ``(C,)``: ``(N, T', H', W')``.
+        """Channel ``weights`` of ``features(params, video, upto)`` if it is an integer index
+        ``()``, else ``features(...) @ weights`` for channel weights ``(C,)``: ``(N, T', H', W')``.
 
         Objectives that read one channel, or one fixed combination of channels, need only
         this; models with ``apply_projected`` then compute a single output channel of ``upto``.
+        A selected channel is computed from its own weights only (:func:`own_weights`), so a
+        non-finite weight of another channel of ``upto`` reaches neither it nor its gradient.
         """
-        if self.apply_projected is None:
-            return self.features(params, video, upto) @ weights
-        return self.apply_projected(params, video, self.check_layer(upto), weights)
+        if self.apply_projected is not None:
+            return self.apply_projected(params, video, self.check_layer(upto), weights)
+        if jnp.issubdtype(jnp.result_type(weights), jnp.integer):
+            return jnp.take(self.features(own_weights(params, upto, weights), video, upto), weights, axis=-1)
+        return self.features(params, video, upto) @ weights
 
     def output_shape(self, params: Params, layer: str, input_shape=None) -> tuple[int, ...]:
         """Shape ``(T', H', W', C)`` of ``layer``'s activation for one clip, without computing it."""
@@ -86,3 +92,27 @@ class VideoModel:
     def num_channels(self, params: Params, layer: str) -> int:
         """Number of channels (kernels) of ``layer``."""
         return self.output_shape(params, layer)[-1]
+
+
+def own_weights(params: Params, layer: str, channel: jax.Array) -> Params:
+    """``params`` with the weights of every output channel of ``layer`` but ``channel`` set to zero.
+
+    The layer's weights are the leaves under ``params["params"][layer]`` whose last axis is its
+    output channels (a Flax convolution's ``kernel`` and ``bias``); ``params`` is returned
+    unchanged when it holds no such entry. Zeroing (``where``, not a product) keeps a non-finite
+    weight of another channel out of both the channel's activation and its gradient, which
+    flows back through every output channel's weights.
+    """
+    layer_params = params.get("params", {}).get(layer) if hasattr(params, "get") else None
+    if not hasattr(layer_params, "items") or "kernel" not in layer_params:
+        return params
+    channels = jnp.shape(layer_params["kernel"])[-1]
+    keep = jnp.arange(channels) == channel
+
+    def zero_others(leaf):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[-1] != channels:
+            return leaf
+        return jnp.where(keep, leaf, jnp.zeros((), jnp.result_type(leaf)))
+
+    masked = {name: zero_others(leaf) for name, leaf in layer_params.items()}
+    return {**params, "params": {**params["params"], layer: masked}}

@@ -147,7 +147,9 @@ class Conv3d(nn.Module):
 
     ``__call__(x, project=None)``: with ``project`` ``(Cout,)`` it returns only the projection
     ``output @ project`` as ``(N, T', H', W', 1)``, computed with the projected kernel
-    ``kernel @ project``: one output channel's worth of work instead of ``Cout``.
+    ``kernel @ project``: one output channel's worth of work instead of ``Cout``. An integer
+    ``project`` ``()`` selects that output channel (its kernel and bias alone, so another
+    channel's weights cannot reach it, even non-finite ones).
     """
 
     features: int
@@ -165,8 +167,12 @@ class Conv3d(nn.Module):
         if project is not None:
             if self.groups != 1:
                 raise ValueError(f"{self.name}: a grouped convolution cannot be projected onto its outputs")
-            kernel = kernel @ project[:, None]
-            bias = None if bias is None else bias @ project[:, None]
+            if jnp.issubdtype(jnp.result_type(project), jnp.integer):
+                kernel = jnp.take(kernel, project[None], axis=-1)
+                bias = None if bias is None else jnp.take(bias, project[None])
+            else:
+                kernel = kernel @ project[:, None]
+                bias = None if bias is None else bias @ project[:, None]
         y = convolve3d(x, kernel.astype(x.dtype), self.strides, self.padding, self.groups)
         return y if bias is None else y + bias.astype(x.dtype)
 

@@ -10,12 +10,10 @@ minimising the SPEC objective
 with means over every element and ``TV(x)`` the sum over axes of the mean absolute
 difference between neighbours (time, rows and columns for ``D``; rows and columns for
 ``I``), as in the reference code. All K videos are independent problems, solved at once
-in one ``jit``: the optimisation sums the K objectives (so each video's gradient is its
-own) and warps all K statics with one flat gather, which XLA runs about twice as fast on
-CPU as a ``vmap``-ed one. The cheap initialisation runs video by video (``lax.map``):
-batched matmuls round differently for different batch sizes, and Adam turns a last-bit
-difference in the start into a full step wherever a TV sign flips, so a ``vmap``-ed
-start would make a video's result depend on its batch.
+in one ``jit``. Each video is one kernel of :func:`kv3d_jax.runner.run` (:func:`problem`), which
+starts kernels one by one (``lax.map``): batched matmuls round differently for different
+batch sizes, and Adam turns a last-bit difference in the start into a full step wherever a
+TV sign flips, so a ``vmap``-ed start would make a video's result depend on its batch.
 
 The objective is the SPEC's; the optimisation strategy is ours:
 
@@ -29,30 +27,14 @@ The objective is the SPEC's; the optimisation strategy is ours:
   than one frame's position.
 * Schedule. Adam with separate learning rates for ``I`` and ``D``, cosine-decayed to 1 %.
 
-Defaults were chosen by measurement on the ground-truth set of ``tests/test_decompose``
-(smooth random textures translating at 0.5-2 px/frame in 8 directions plus a still one,
-16×64×64; read-out of :func:`kv3d_jax.motion.motion_summary`):
-
-* ``λ_D = 1e-4``: its time-TV term penalises motion itself. At 400 steps ``λ_D = 1e-3``
-  understated speeds by up to 7 % (worst direction error 2.2°); ``1e-4`` by under 1.4 %.
-  ``1e-5`` lost 2 dB of PSNR at 2 px/frame.
-* ``λ_0 = 0.1`` and ``λ_I = 1e-4``: content that enters through the border during the clip
-  is in no frame-sized static; a looser anchor to frame 0 and less smoothing let the static's
-  edges and the displacement there explain more of it. At 2000 steps the 2 px/frame videos
-  reach 30.2 and 31.7 dB, against 29.6 and 30.9 with ``λ_0 = 1``, ``λ_I = 1e-3``; motion is
-  unchanged (median direction error 0.18°, worst 0.57°, speeds within 1.3 %). ``λ_I = 1e-2``
-  blurs the static enough to cost the still video about 20 dB.
-* ``lr_displacement = 0.1``: 0.2 gains as much PSNR but leaves per-pixel velocity noise: the
-  still video reads 0.013 px/frame instead of 0.
-* 2000 steps (the reference's): motion is within 1° and 1.5 % after 400 steps; the rest
-  mostly improves the fit of content entering through the border.
+Defaults were chosen by measurement on a ground-truth set: docs/decompose.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -60,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kv3d_jax import distribute
-from kv3d_jax.warp import gaussian_blur, pixel_grid, sample, warp, warp_batch
+from kv3d_jax import runner
+from kv3d_jax.warp import gaussian_blur, pixel_grid, sample, warp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +60,7 @@ class Config:
       init_iterations: Gauss-Newton iterations per level.
       init_window: std (px) of the Lucas-Kanade window (at least twice the level's blur).
       init_noise: std of the N(0, σ²) jitter added to the initial static when a key is given.
+      steps: Adam steps (0: the initialisation).
       chunk: optimisation steps per compiled ``lax.scan`` (progress is reported between chunks).
     """
 
@@ -90,6 +73,7 @@ class Config:
     init_iterations: int = 4
     init_window: float = 4.0
     init_noise: float = 0.01
+    steps: int = 2000
     chunk: int = 100
 
 
@@ -105,6 +89,7 @@ class Decomposition:
       terms: per-kernel ``(K,)`` values of the objective at the end, in normalised units:
         ``"total"``, ``"reconstruction"``, ``"tv_displacement"``, ``"tv_static"``, ``"anchor"``.
       psnr: ``(K,)`` dB of ``reconstruction`` against the input video (peak 1).
+      failed: ``(K,)`` bool, True where the video or its decomposition is not finite.
     """
 
     static: jax.Array
@@ -112,6 +97,7 @@ class Decomposition:
     reconstruction: jax.Array
     terms: dict
     psnr: jax.Array
+    failed: np.ndarray
 
 
 def normalise(video: jax.Array):
@@ -155,13 +141,21 @@ def objective(static: jax.Array, displacement: jax.Array, video: jax.Array, conf
     return _objective_terms(static, displacement, video, warp(static, displacement), config)
 
 
-def _batch_objective(params, videos, config: Config):
-    """Per-kernel objectives ``(K,)`` and terms of a batch of parameters."""
-    displacement = jax.vmap(_displacement)(params)
-    reconstruction = warp_batch(params["static"], displacement)
-    return jax.vmap(functools.partial(_objective_terms, config=config))(
-        params["static"], displacement, videos, reconstruction
-    )
+def psnr(reconstruction: jax.Array, videos: jax.Array, where: jax.Array | None = None) -> jax.Array:
+    """PSNR (dB, peak 1) of each ``(K, T, H, W, C)`` reconstruction against its video: ``(K,)``.
+
+    ``where``: optional boolean ``(K, T, H, W)``, the pixels to compare (e.g.
+    :func:`kv3d_jax.warp.inside` of the displacement: the part of each video that a
+    static image of the frame's size can explain at all).
+    """
+    squared = (reconstruction - videos) ** 2
+    axes = tuple(range(1, reconstruction.ndim))
+    if where is None:
+        mse = jnp.mean(squared, axis=axes)
+    else:
+        mask = jnp.broadcast_to(jnp.asarray(where, squared.dtype)[..., None], squared.shape)
+        mse = jnp.sum(squared * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axis=axes), 1.0)
+    return -10.0 * jnp.log10(jnp.maximum(mse, 1e-12))
 
 
 def _image_gradients(image: jax.Array):
@@ -235,58 +229,65 @@ def _optimiser(steps: int, config: Config) -> optax.GradientTransformation:
     )
 
 
-def _init(video: jax.Array, key: jax.Array, use_key: bool, config: Config):
-    normalised, lo, scale = normalise(video)
-    static = normalised[0]
-    if use_key:
-        static = static + config.init_noise * jax.random.normal(key, static.shape, static.dtype)
-    displacement = initial_displacement(normalised, config)
-    params = {"static": static, "origin": displacement[0], "increments": jnp.diff(displacement, axis=0)}
-    return params, normalised, lo, scale
+class State(NamedTuple):
+    """One video's decomposition in progress.
 
-
-@functools.partial(jax.jit, static_argnames=("use_key", "config", "mesh"))
-def _start(videos, keys, use_key: bool, config: Config, mesh):
-    def start(videos, keys):
-        return jax.lax.map(lambda args: _init(*args, use_key=use_key, config=config), (videos, keys))
-
-    return distribute.per_kernel(start, mesh)(videos, keys)
-
-
-@functools.partial(jax.jit, static_argnames=("length", "steps", "config", "mesh"))
-def _run_chunk(params, state, videos, length: int, steps: int, config: Config, mesh):
-    """``length`` Adam steps on every kernel at once, each device on its share of the kernels.
-
-    The objective is summed over kernels, so each kernel's gradient is its own; Adam
-    is elementwise, so the kernels stay independent problems.
+    Attributes:
+      params: ``{"static": (H, W, 3), "origin": (H, W, 2), "increments": (T-1, H, W, 2)}``.
+      opt_state: Adam's state.
+      video: ``(T, H, W, 3)`` the input video.
+      normalised: ``(T, H, W, 3)`` the video as :func:`normalise` maps it.
+      lo, scale: ``()`` the affine map undone by the outputs.
     """
-    optimiser = _optimiser(steps, config)
 
-    def step(carry, _):
-        params, state, videos = carry
-        grads = jax.grad(lambda p: jnp.sum(_batch_objective(p, videos, config)[0]))(params)
-        updates, state = optimiser.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state, videos), None
-
-    def run(params, state, videos):
-        (params, state, _), _ = jax.lax.scan(step, (params, state, videos), None, length=length)
-        return params, state
-
-    return distribute.per_kernel(run, mesh)(params, state, videos)
+    params: dict
+    opt_state: Any
+    video: jax.Array
+    normalised: jax.Array
+    lo: jax.Array
+    scale: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _finish(params, videos, normalised, lo, scale, config: Config) -> Decomposition:
-    _, terms = _batch_objective(params, normalised, config)
-    displacement = jax.vmap(_displacement)(params)
-    shape = (-1,) + (1,) * (videos.ndim - 1)
-    lo, scale = lo.reshape(shape), scale.reshape(shape)
-    reconstruction = warp_batch(params["static"], displacement)
-    reconstruction = jnp.clip((reconstruction + 0.5) * scale + lo, 0.0, 1.0)
-    static = jnp.clip((params["static"] + 0.5) * scale[:, 0] + lo[:, 0], 0.0, 1.0)
-    mse = jnp.mean((reconstruction - videos) ** 2, axis=(1, 2, 3, 4))
-    psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-12))
-    return Decomposition(static, displacement, reconstruction, terms, psnr)
+@functools.lru_cache(maxsize=32)
+def problem(config: Config, use_key: bool, compute_dtype=jnp.float32) -> runner.Problem:
+    """Stage 2's per-kernel problem: target a video ``(T, H, W, 3)``; with ``use_key``, the
+    initial static is jittered with the kernel's key. The reconstruction's warp reads the
+    static in ``compute_dtype``; parameters, Adam's state and the objective stay float32.
+
+    Outputs: ``(static (H, W, 3), displacement (T, H, W, 2) px, reconstruction (T, H, W, 3),
+    terms {name: ()}, psnr ())``, as in :class:`Decomposition`.
+    """
+    optimiser = _optimiser(config.steps, config)
+    dtype = jnp.dtype(compute_dtype)
+
+    def terms(params, normalised):
+        displacement = _displacement(params)
+        reconstruction = warp(params["static"].astype(dtype), displacement).astype(jnp.float32)
+        return _objective_terms(params["static"], displacement, normalised, reconstruction, config)
+
+    def init(key, video):
+        normalised, lo, scale = normalise(video)
+        static = normalised[0]
+        if use_key:
+            static = static + config.init_noise * jax.random.normal(key, static.shape, static.dtype)
+        displacement = initial_displacement(normalised, config)
+        params = {"static": static, "origin": displacement[0], "increments": jnp.diff(displacement, axis=0)}
+        return State(params, optimiser.init(params), video, normalised, lo, scale)
+
+    def step(model_params, state, key):
+        grads, values = jax.grad(lambda p: terms(p, state.normalised), has_aux=True)(state.params)
+        updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
+        return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), values["total"]
+
+    def outputs(model_params, state):
+        _, values = terms(state.params, state.normalised)
+        displacement = _displacement(state.params)
+        reconstruction = warp(state.params["static"], displacement)
+        reconstruction = jnp.clip((reconstruction + 0.5) * state.scale + state.lo, 0.0, 1.0)
+        static = jnp.clip((state.params["static"] + 0.5) * state.scale + state.lo, 0.0, 1.0)
+        return static, displacement, reconstruction, values, psnr(reconstruction[None], state.video[None])[0]
+
+    return runner.Problem(init, step, outputs)
 
 
 def _check_videos(videos) -> jax.Array:
@@ -296,82 +297,63 @@ def _check_videos(videos) -> jax.Array:
             f"decompose needs videos (K, T, H, W, 3); got shape {tuple(videos.shape)}. "
             "Add a leading axis for a single video (videos[None]) and repeat a grey channel 3 times."
         )
+    if videos.shape[0] == 0:
+        raise ValueError("decompose got no videos: pass at least one, (K, T, H, W, 3) with K >= 1")
     if videos.shape[1] < 2 or videos.shape[2] < 2 or videos.shape[3] < 2:
         raise ValueError(f"decompose needs at least 2 frames of at least 2x2 pixels; got shape {tuple(videos.shape)}")
     if not jnp.issubdtype(videos.dtype, jnp.floating):
         raise ValueError(f"decompose needs float videos in [0, 1]; got dtype {videos.dtype} (divide uint8 by 255)")
-    if not bool(jnp.isfinite(videos).all()):
-        raise ValueError("decompose got videos with NaN or infinite values; replace them before decomposing")
     return videos.astype(jnp.float32)
-
-
-def _kernel_keys(key, ids) -> jax.Array:
-    """One key per video: a batch of K keys as given, or ``fold_in(key, ids[k])`` of a single key."""
-    key = jnp.asarray(key)
-    single = key.ndim == (0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1)
-    if single:
-        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids, jnp.uint32))
-    if key.shape[0] != len(ids):
-        raise ValueError(f"decompose got {key.shape[0]} keys for {len(ids)} videos; pass one key, or one per video")
-    return key
 
 
 def decompose(
     videos,
-    steps: int = 2000,
-    key: jax.Array | None = None,
-    progress: Callable[[int, int], None] | None = None,
     ids=None,
+    *,
+    config: Config = Config(),
+    key: jax.Array | None = None,
     mesh=None,
-    **config,
+    memory_budget: int | None = None,
+    batch_size: int | None = None,
+    compute_dtype=jnp.float32,
+    callback: runner.Callback | None = None,
 ) -> Decomposition:
     """Decomposes each of ``videos`` ``(K, T, H, W, 3)`` (floats, any range; stage-1
     outputs are in [0, 1]) into a static texture and a displacement field (SPEC §3).
 
-    ``steps`` Adam steps (0 returns the initialisation). ``key``: optional PRNG key, or
-    one per video, for an N(0, ``init_noise``²) jitter of the initial static (the
-    reference starts from noise; without a key the start is deterministic). A single
-    key gives video ``k`` the key ``fold_in(key, ids[k])``; ``ids`` ``(K,)`` ints
-    default to ``0..K-1`` (pass e.g. channel indices so that a kernel's result does not
-    depend on the batch it was in). ``progress(done, steps)`` is called after every
-    compiled chunk. ``mesh``: a 1-D ``"kernels"`` mesh of this process's devices
-    (:func:`kv3d_jax.distribute.kernel_mesh`, the default: all of them) over which the videos
-    are split, each device optimising its own. ``config``: overrides of :class:`Config`
-    fields. Each video's result is independent of the others in the batch.
+    Args:
+      videos: ``(K, T, H, W, 3)``; a video with a non-finite value is decomposed as failed
+        (``result.failed``) and changes no other video's result.
+      ids: ``(K,)`` ints naming the videos (default ``0..K-1``; pass e.g. channel indices so
+        that a kernel's result does not depend on the batch it was in).
+      config: the objective's weights and the optimisation's settings (:class:`Config`).
+      key: optional PRNG key, or one per video, for an N(0, ``init_noise``²) jitter of the
+        initial static (the reference starts from noise; without a key the start is
+        deterministic). A single key gives video ``k`` the key ``fold_in(key, ids[k])``.
+      mesh, memory_budget, batch_size, callback: as for :func:`kv3d_jax.maximize`
+        (``callback(steps_done, steps_total, mean_loss)``).
+      compute_dtype: the dtype the reconstruction reads the static in.
+
+    The videos are this process's: under ``jax.distributed`` nothing is split between
+    processes. Each video's result is independent of the others in the batch.
     """
-    try:
-        cfg = Config(**config)
-    except TypeError:
-        valid = ", ".join(f.name for f in dataclasses.fields(Config))
-        raise ValueError(f"unknown decompose option(s) {sorted(config)}; valid options are: {valid}") from None
-    # A hashable config: it is a static argument of the compiled functions.
-    cfg = dataclasses.replace(cfg, init_scales=tuple(float(s) for s in cfg.init_scales))
-    if cfg.chunk < 1:
-        raise ValueError(f"chunk must be at least 1 step; got {cfg.chunk}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0; got {steps}")
+    if not isinstance(config, Config):
+        raise ValueError(f"config must be a kv3d_jax.decomposition.Config, got {type(config).__name__}")
+    # A hashable config: it is part of the cached problem.
+    config = dataclasses.replace(config, init_scales=tuple(float(s) for s in config.init_scales))
     videos = _check_videos(videos)
     k = videos.shape[0]
     ids = np.arange(k) if ids is None else np.asarray(ids).reshape(-1)
     if len(ids) != k:
         raise ValueError(f"decompose got {len(ids)} ids for {k} videos; pass one id per video")
-    mesh = distribute.check_mesh(mesh)
-    use_key = key is not None
-    # Without a key the init takes no randomness; the placeholder keys keep one compiled signature.
-    keys = _kernel_keys(key, ids) if use_key else jax.random.split(jax.random.key(0), k)
-    (videos, keys), _ = distribute.pad_kernels((videos, keys), mesh)
-    videos, keys = distribute.shard_kernels((videos, keys), mesh)
-    params, normalised, lo, scale = _start(videos, keys, use_key, cfg, mesh)
-    state = _optimiser(steps, cfg).init(params)
-    done = 0
-    while done < steps:
-        length = min(cfg.chunk, steps - done)
-        params, state = _run_chunk(params, state, normalised, length, steps, cfg, mesh)
-        done += length
-        if progress is not None:
-            jax.block_until_ready(params)
-            progress(done, steps)
-    return jax.tree.map(lambda x: x[:k], _finish(params, videos, normalised, lo, scale, cfg))
+    result = runner.run(problem(config, key is not None, jnp.dtype(compute_dtype)), {}, videos, ids, config.steps,
+                        chunk=config.chunk, key=key, mesh=mesh, memory_budget=memory_budget, batch_size=batch_size,
+                        callback=callback, share=False)
+    static, displacement, reconstruction, terms, quality = result.outputs
+    return Decomposition(jnp.asarray(static), jnp.asarray(displacement), jnp.asarray(reconstruction),
+                         {name: jnp.asarray(value) for name, value in terms.items()}, jnp.asarray(quality),
+                         result.failed)
 
 
-__all__ = ["Config", "Decomposition", "decompose", "initial_displacement", "normalise", "objective", "total_variation"]
+__all__ = ["Config", "Decomposition", "decompose", "initial_displacement", "normalise", "objective", "problem", "psnr",
+           "total_variation"]

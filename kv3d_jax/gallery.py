@@ -2,9 +2,9 @@
 
 Pages are self-contained: inline CSS and vanilla JS, images by relative links to the
 files written beside them, nothing fetched from elsewhere. A layer page shows every
-kernel's stage-1 video, static texture, motion and reconstruction with its summary,
-sortable and filterable; the view (sort order, filters) lives in the URL's ``#``
-fragment, so a link reopens the same view. Each page states at the bottom whether all of
+kernel's stage-1 video, static texture, motion and reconstruction with its summary and
+reliability, sortable and filterable; the view (sort order, filters) lives in the URL's
+``#`` fragment, so a link reopens the same view. Each page states at the bottom whether all of
 its images loaded and whether any script error happened, so a broken gallery says so.
 
 Figures (Matplotlib, Agg): a contact sheet of a layer's statics and a two-panel motion
@@ -44,6 +44,7 @@ FIELDS = {
     "speed": "speed",
     "psnr": "PSNR",
     "direction": "direction",
+    "reliability": "reliability",
 }
 
 
@@ -58,6 +59,11 @@ class KernelView:
       speed: mean speed, px/frame.
       psnr: reconstruction PSNR, dB.
       media: media kind (keys of :data:`MEDIA` and :data:`LINKS`) -> file path relative to the page.
+      reliability: how far the kernel's result can be trusted, in [0, 1] (NaN: not rated).
+      reliable: whether the result counts as reliable.
+      dead: the optimisation never beat random videos: there is nothing to see.
+      aliased: the speed cannot be told from its temporal alias (``speed`` is then NaN).
+      failed: 0, or the stage (1, 2, 3) whose result turned non-finite.
     """
 
     channel: int
@@ -66,12 +72,18 @@ class KernelView:
     speed: float
     psnr: float
     media: Mapping[str, str]
+    reliability: float = math.nan
+    reliable: bool = True
+    dead: bool = False
+    aliased: bool = False
+    failed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerView:
     """One layer as the index shows it: its page and figures (caption -> path, relative to the
-    index), kernels ``done`` of ``total`` asked for, mean PSNR (dB) and mean speed (px/frame)."""
+    index), kernels ``done`` of ``total`` asked for, mean PSNR (dB), mean speed (px/frame), and how
+    many of the kernels are ``reliable`` and how many ``dead``."""
 
     layer: str
     page: str
@@ -80,6 +92,8 @@ class LayerView:
     total: int
     mean_psnr: float
     mean_speed: float
+    reliable: int = 0
+    dead: int = 0
 
 
 def save_figure(fig: Figure, path) -> Path:
@@ -164,10 +178,15 @@ form input[type=number]{width:5em}
 #kernels{display:flex;flex-wrap:wrap;gap:10px}
 .kernel{margin:0;padding:6px;background:#fff;border:1px solid #ddd}
 .kernel[hidden]{display:none}
+.kernel.dead{border:1px dashed #999;opacity:.55}
+.kernel.failed{border:1px dashed #b00020}
+.badge{padding:0 .4em;border-radius:3px;font-size:12px}
+.badge.reliable{background:#d7f0d7;color:#1e6b1e}.badge.unreliable{background:#fbe6bd;color:#8a5a00}
+.badge.dead{background:#ddd;color:#444}.badge.failed{background:#f8d0d0;color:#b00020}
 .media{display:flex;gap:4px}
 .media figure{margin:0;text-align:center;font-size:11px;color:#666}
 .media img{height:128px;width:auto;image-rendering:pixelated;display:block}
-.summary{display:flex;gap:.8em;align-items:center;margin-top:4px}
+.summary{display:flex;flex-wrap:wrap;gap:.2em .8em;align-items:center;margin-top:4px}
 .arrow{width:22px;height:22px}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}
 #status{margin-top:2em;color:#2a6b2a}#status.bad{color:#b00020;font-weight:bold}
@@ -212,8 +231,14 @@ _LAYER_JS = """
   var grid = document.getElementById("kernels");
   var form = document.getElementById("view");
   var cards = Array.prototype.slice.call(grid.children);
-  var names = ["sort", "order", "min_speed", "min_psnr", "direction", "tolerance", "channels"];
+  var names = ["sort", "order", "min_speed", "min_psnr", "direction", "tolerance", "channels", "show"];
   function value(card, key) { return parseFloat(card.dataset[key]); }
+  /* A dead or failed kernel has nothing to see, so it never counts as reliable. */
+  function shows(card, show) {
+    var live = card.dataset.dead === "0" && card.dataset.failed === "0";
+    var reliable = live && card.dataset.reliable === "1";
+    return show === "reliable" ? reliable : show === "unreliable" ? !reliable : show === "live" ? live : true;
+  }
   function gap(a, b) { var d = Math.abs(a - b) % 360; return Math.min(d, 360 - d); }
   function channelSet(text) {
     var wanted = [];
@@ -243,7 +268,8 @@ _LAYER_JS = """
       var ok = (isNaN(minSpeed) || value(card, "speed") >= minSpeed)
         && (isNaN(minPsnr) || value(card, "psnr") >= minPsnr)
         && (isNaN(dir) || isNaN(tol) || gap(value(card, "direction"), dir) <= tol)
-        && (!ranges || ranges.some(function (r) { return c >= r[0] && c <= r[1]; }));
+        && (!ranges || ranges.some(function (r) { return c >= r[0] && c <= r[1]; }))
+        && shows(card, s.show);
       card.hidden = !ok;
       shown += ok ? 1 : 0;
       grid.appendChild(card);
@@ -303,6 +329,17 @@ def _page(title: str, body: str, script: str = "") -> str:
     )
 
 
+def _badges(view: KernelView) -> str:
+    rating = "reliable" if view.reliable else "unreliable"
+    score = f"{view.reliability:.2f}" if math.isfinite(view.reliability) else "–"
+    badges = f'<span class="badge {rating}">{rating} {score}</span>'
+    if view.dead:
+        badges += '<span class="badge dead">dead</span>'
+    if view.failed:
+        badges += f'<span class="badge failed">failed in stage {view.failed}</span>'
+    return badges
+
+
 def _kernel_card(view: KernelView) -> str:
     figures = "".join(
         f'<figure><img src="{html.escape(view.media[kind])}" alt="{html.escape(caption)}, channel '
@@ -315,13 +352,16 @@ def _kernel_card(view: KernelView) -> str:
     data = (
         f'data-channel="{view.channel}" data-objective="{_attr(view.objective)}" '
         f'data-speed="{_attr(view.speed)}" data-psnr="{_attr(view.psnr)}" '
-        f'data-direction="{_attr(view.direction_deg)}"'
+        f'data-direction="{_attr(view.direction_deg)}" data-reliability="{_attr(view.reliability)}" '
+        f'data-reliable="{int(view.reliable)}" data-dead="{int(view.dead)}" data-failed="{view.failed}"'
     )
+    classes = "kernel" + (" dead" if view.dead else "") + (" failed" if view.failed else "")
+    speed = "speed ambiguous (aliased)" if view.aliased else f"{_number(view.speed)} px/frame"
     return (
-        f'<article class="kernel" id="channel-{view.channel}" {data}>'
-        f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
+        f'<article class="{classes}" id="channel-{view.channel}" {data}>'
+        f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>{_badges(view)}'
         f"{_arrow(view.direction_deg)}<span>{_number(view.direction_deg, 4)}°</span>"
-        f"<span>{_number(view.speed)} px/frame</span><span>{_number(view.psnr)} dB</span>"
+        f"<span>{speed}</span><span>{_number(view.psnr)} dB</span>"
         f"<span>objective {_number(view.objective)}</span>{links}</div></article>"
     )
 
@@ -345,6 +385,9 @@ def layer_page(
         '<label>direction <input type="number" name="direction" step="any" value="">° '
         '± <input type="number" name="tolerance" step="any" value="45">°</label>'
         '<label>channels <input type="text" name="channels" value="" placeholder="e.g. 0-7,12"></label>'
+        '<label>show <select name="show"><option value="all">all</option>'
+        '<option value="reliable">reliable</option><option value="unreliable">unreliable, dead or failed</option>'
+        '<option value="live">all but dead or failed</option></select></label>'
         '<output id="shown"></output></form>'
     )
     body = [f"<h1>{html.escape(title)}</h1>"]
@@ -357,7 +400,12 @@ def layer_page(
             for caption, path in figures.items()) + "</div>")
     body.append('<p>Per kernel: the optimal video, its static texture, its motion (hue = direction '
                 'as on the colour wheel at the right, brightness = speed; grey = not read out) and the '
-                'reconstruction from the two; the arrow shows the dominant direction of motion.</p>')
+                'reconstruction from the two; the arrow shows the dominant direction of motion. '
+                'The badge gives its reliability, 0–1, computed from the kernel\'s own optimisation and '
+                'decomposition: objective gain over random videos, observable and coherent motion, no temporal '
+                'aliasing (green = reliable, amber = not; dead = never beat random videos, so there is nothing '
+                'to see; “failed in stage N” = that stage\'s result turned non-finite; “speed ambiguous” = the '
+                'speed cannot be told from its temporal alias).</p>')
     body.append(controls)
     body.append('<div id="kernels">' + "\n".join(_kernel_card(v) for v in kernels) + "</div>")
     return _page(title, "\n".join(body), _LAYER_JS)
@@ -367,7 +415,8 @@ def index_page(title: str, layers: Sequence[LayerView], notes: Sequence[str] = (
     """The HTML of the index: one row per layer with its counts, figures and a link to its page."""
     rows = "".join(
         f'<tr><td><a href="{html.escape(v.page)}">{html.escape(v.layer)}</a></td>'
-        f"<td>{v.done} of {v.total}</td><td>{_number(v.mean_speed)} px/frame</td>"
+        f"<td>{v.done} of {v.total}</td><td>{v.reliable} reliable, {v.dead} dead</td>"
+        f"<td>{_number(v.mean_speed)} px/frame</td>"
         f"<td>{_number(v.mean_psnr)} dB</td><td>"
         + "".join(f'<a href="{html.escape(v.page)}"><img src="{html.escape(path)}" alt="{html.escape(caption)}" '
                   f'title="{html.escape(caption)}" height="120"></a>' for caption, path in v.figures.items())
@@ -377,7 +426,7 @@ def index_page(title: str, layers: Sequence[LayerView], notes: Sequence[str] = (
     body = (
         f"<h1>{html.escape(title)}</h1>"
         + "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
-        + "<table><thead><tr><th>layer</th><th>kernels done</th><th>mean speed</th>"
+        + "<table><thead><tr><th>layer</th><th>kernels done</th><th>reliable</th><th>mean speed</th>"
         f"<th>mean PSNR</th><th>figures</th></tr></thead><tbody>{rows}</tbody></table>"
     )
     return _page(title, body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html.parser
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,9 +16,11 @@ from kv3d_jax import gallery
 STAGE2_KINDS = ("stage1", "static", "motion", "recon", "panel", "deform")
 
 
-def _view(channel, direction=90.0, speed=1.0, psnr=30.0, objective=2.0, kinds=STAGE2_KINDS) -> gallery.KernelView:
+def _view(channel, direction=90.0, speed=1.0, psnr=30.0, objective=2.0, kinds=STAGE2_KINDS,
+          **reliability) -> gallery.KernelView:
+    """``reliability``: the :class:`gallery.KernelView` fields after ``media``, by name."""
     media = {kind: f"b/k{channel}_{kind}.gif" for kind in kinds}
-    return gallery.KernelView(channel, objective, direction, speed, psnr, media)
+    return gallery.KernelView(channel, objective, direction, speed, psnr, media, **reliability)
 
 
 class _Tags(html.parser.HTMLParser):
@@ -87,11 +90,39 @@ def test_layer_page_has_a_card_per_kernel_with_its_summary_and_pictures():
     assert "http" not in page and "//" not in page.replace("://", "")
 
 
+def test_layer_page_shows_each_kernels_reliability():
+    views = [_view(0, reliability=0.824, reliable=True), _view(1, reliability=0.306, reliable=False),
+             _view(2, reliability=0.0, reliable=False, dead=True), _view(3, speed=math.nan, aliased=True),
+             _view(4, reliability=0.9, reliable=True, failed=2)]
+    page = gallery.layer_page("t", views)
+    tags = _Tags(page)
+    cards = tags.all("article")
+    assert [c["class"] for c in cards] == ["kernel", "kernel", "kernel dead", "kernel", "kernel failed"]
+    assert ".kernel.dead{border:1px dashed" in page  # a dead kernel's card is visibly marked
+    assert [(c["data-reliability"], c["data-reliable"], c["data-dead"], c["data-failed"]) for c in cards] == [
+        ("0.824", "1", "0", "0"), ("0.306", "0", "0", "0"), ("0.0", "0", "1", "0"), ("NaN", "1", "0", "0"),
+        ("0.9", "1", "0", "2")]
+    badges = [re.findall(r'<span class="badge (\w+)">([^<]*)</span>', card) for card in page.split("<article")[1:]]
+    assert badges == [[("reliable", "reliable 0.82")], [("unreliable", "unreliable 0.31")],
+                      [("unreliable", "unreliable 0.00"), ("dead", "dead")], [("reliable", "reliable –")],
+                      [("reliable", "reliable 0.90"), ("failed", "failed in stage 2")]]
+    assert page.count("speed ambiguous (aliased)") == 1 and page.count(" px/frame</span>") == 4
+    assert cards[3]["data-speed"] == "NaN"
+    # Sortable by reliability, and filterable by it through a select that round-trips in the fragment.
+    assert [s["name"] for s in tags.all("select")] == ["sort", "order", "show"]
+    options = [o["value"] for o in tags.all("option")]
+    assert options[:len(gallery.FIELDS)] == list(gallery.FIELDS) and "reliability" in gallery.FIELDS
+    assert options[-4:] == ["all", "reliable", "unreliable", "live"]
+    assert '"channels", "show"];' in page  # the script's list of the controls the fragment holds
+    assert "never beat random videos" in page and "no temporal aliasing" in page
+
+
 def test_index_page_links_every_layer():
-    views = [gallery.LayerView("conv1", "conv1.html", {"statics": "conv1/s.png"}, 3, 4, 21.5, 0.25),
+    views = [gallery.LayerView("conv1", "conv1.html", {"statics": "conv1/s.png"}, 3, 4, 21.5, 0.25, 2, 1),
              gallery.LayerView("conv2", "conv2.html", {}, 0, 8, math.nan, math.nan)]
     tags = _Tags(gallery.index_page("run", views))
     assert [a["href"] for a in tags.all("a")] == ["conv1.html", "conv1.html", "conv2.html"]
     assert [img["src"] for img in tags.all("img")] == ["conv1/s.png"]
     page = gallery.index_page("run", views)
     assert "3 of 4" in page and "21.5 dB" in page and "0 of 8" in page
+    assert "<th>reliable</th>" in page and "2 reliable, 1 dead" in page and "0 reliable, 0 dead" in page

@@ -31,6 +31,10 @@ SETTINGS = pipeline.Settings(model="toy", preset="native", steps=1, decompose_st
 # (direction_deg, speed, psnr, objective) of conv_b's kernels 0..5.
 SUMMARIES = [(10.0, 0.2, 25.0, 1.0), (80.0, 1.5, 31.0, 0.5), (100.0, 0.9, float("nan"), 2.0),
              (170.0, 3.0, 18.0, 0.1), (275.0, 0.6, 22.0, 3.0), (45.0, 0.7, 29.0, 0.7)]
+# (reliability, reliable, dead, failed stage, aliased) of the kernels 0..6 of a page built directly.
+RELIABILITY = [(0.82, True, False, 0, False), (0.31, False, False, 0, False), (0.05, False, True, 0, False),
+               (float("nan"), True, False, 0, False), (0.9, True, False, 3, False), (0.6, True, False, 0, True),
+               (0.4, False, False, 1, False)]
 _CONSOLE = re.compile(r":CONSOLE[:(]")
 
 
@@ -52,9 +56,10 @@ def _record(rng, direction, speed, psnr, objective) -> dict:
     video = np.stack([texture[:, f:f + w] for f in range(t)]).astype(np.float32)
     displacement = np.broadcast_to(np.arange(t, dtype=np.float32)[:, None, None, None] * [1.0, 0.0],
                                    (t, h, w, 2)).astype(np.float32)
+    summary = {"direction_deg": direction, "speed": speed, "psnr": psnr, "objective": objective}
+    # Every other summary the pipeline stores (``failed``, ...) is 0: a kernel whose stages all went well.
     return {"video": video, "static": video[0], "displacement": displacement, "reconstruction": video,
-            **{name: np.float32(v) for name, v in zip(("direction_deg", "speed", "psnr", "objective"),
-                                                      (direction, speed, psnr, objective))}}
+            **{name: np.float32(summary.get(name, 0.0)) for name in pipeline.SUMMARY}}
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +151,40 @@ def test_a_broken_page_says_so(site, tmp_path):
     assert (status["data-failed"], status["data-errors"]) == ("1", "2"), status
     assert status["class"] == "bad"
     assert any("notDefinedAnywhere is not defined" in line for line in console), console
+
+
+def _reliability_page(folder: Path, script: str = "") -> Path:
+    """A layer page of the kernels of :data:`RELIABILITY` (no pictures), with ``script`` run after the
+    page's own and the URL's fragment afterwards in ``body``'s ``data-hash``."""
+    views = [gallery.KernelView(c, 1.0, 0.0, float("nan") if aliased else 1.0, 30.0, {}, reliability=score,
+                                reliable=reliable, dead=dead, failed=failed, aliased=aliased)
+             for c, (score, reliable, dead, failed, aliased) in enumerate(RELIABILITY)]
+    tail = f"<script>{script}document.body.dataset.hash = location.hash;</script></body>"
+    return gallery.write_page(folder / "page.html", gallery.layer_page("t", views).replace("</body>", tail))
+
+
+def _cards(dom: _Dom) -> tuple[list[int], list[int]]:
+    """The channels of the cards in page order, and of those shown."""
+    cards = dom.find("article")
+    return [int(c["data-channel"]) for c in cards], [int(c["data-channel"]) for c in cards if "hidden" not in c]
+
+
+def test_sorting_and_filtering_by_reliability_from_the_link(tmp_path):
+    dom, console = _open(_reliability_page(tmp_path), tmp_path / "profile", "#show=reliable&order=desc&sort=reliability")
+    assert console == [] and _status(dom)["data-errors"] == "0"
+    order, shown = _cards(dom)
+    assert order == [4, 0, 5, 6, 1, 2, 3]  # by reliability descending, the unrated (NaN) last
+    assert shown == [0, 5, 3]  # neither unreliable (1, 2, 6) nor dead (2) nor failed (4, 6)
+    (body,) = dom.find("body")
+    assert body["data-hash"] == "#sort=reliability&order=desc&show=reliable"  # the view's link, as it reads
+
+
+@pytest.mark.parametrize("show, shown", [("unreliable", [1, 2, 4, 6]), ("live", [0, 1, 3, 5])])
+def test_choosing_what_to_show_writes_the_link(tmp_path, show, shown):
+    choose = (f'var form = document.getElementById("view"); form.elements.show.value = "{show}"; '
+              'form.dispatchEvent(new Event("input"));')
+    dom, console = _open(_reliability_page(tmp_path, choose), tmp_path / "profile")
+    assert console == []
+    assert _cards(dom) == (list(range(7)), shown)
+    (body,) = dom.find("body")
+    assert body["data-hash"] == f"#show={show}"

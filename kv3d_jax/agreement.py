@@ -1,9 +1,12 @@
 """Do the visualisations tell the truth? Grating-preferred vs stage-2 dominant direction.
 
-For the direction-selective channels of each layer of a ``kv3d visualize`` run, the
-direction of the drifting grating a channel prefers (:mod:`kv3d_jax.tuning`) beside the
-dominant direction of the motion in its optimal video (stage 2's read-out), or of its
-refinement's motion (stage 3, for a run made with ``--refine``).
+For the direction-selective channels of each layer of a ``kv3d visualize`` run (DSI at
+least 0.3 and a peak response at least a fraction of the layer's strongest,
+:func:`kv3d_jax.tuning.direction_selective`), the direction of the drifting grating a
+channel prefers (:mod:`kv3d_jax.tuning`) beside the dominant direction of the motion in its
+optimal video (stage 2's read-out), or of its refinement's motion (stage 3, for a run made
+with ``--refine``); with the median difference over all of them and over the ones whose
+kernel record counts as reliable (:mod:`kv3d_jax.reliability`) and the rest.
 """
 
 from __future__ import annotations
@@ -43,33 +46,47 @@ def dominant_directions(store: Store, model, layer: str, settings: pipeline.Sett
                         stage: str = "stage2") -> dict[int, float]:
     """``{channel: dominant direction (deg)}`` of ``layer``'s finished kernels in ``store``, from
     ``stage`` (a key of :data:`STAGES`)."""
+    return {c: float(r[STAGES[stage][0]]) for c, r in _records(store, model, layer, settings).items()}
+
+
+def reliable_kernels(store: Store, model, layer: str, settings: pipeline.Settings) -> dict[int, bool]:
+    """``{channel: reliable}`` of ``layer``'s finished kernels in ``store`` (their records' ``reliable``)."""
+    return {c: bool(r["reliable"]) for c, r in _records(store, model, layer, settings).items()}
+
+
+def _records(store: Store, model, layer: str, settings: pipeline.Settings) -> dict[int, dict]:
     schema = pipeline.kernel_schema(pipeline.video_shape(model, settings), settings.refine_steps > 0)
-    done = store.audit(layer, schema).done
-    return {c: float(store.read(layer, c, schema)[STAGES[stage][0]]) for c in sorted(done)}
+    return {c: store.read(layer, c, schema) for c in sorted(store.audit(layer, schema).done)}
 
 
-def layer_agreement(model, params, layer: str, stage2: dict[int, float]) -> tuple[list, float]:
-    """Rows of :func:`kv3d_jax.tuning.agreement_table` for ``layer``'s channels in ``stage2``,
-    and their median angular difference (degrees; NaN when no channel is direction-selective).
+def layer_agreement(model, params, layer: str, stage2: dict[int, float], reliable: dict[int, bool] | None = None,
+                    min_peak: float = tuning.PEAK_FRACTION) -> tuple[list, float]:
+    """Rows of :func:`kv3d_jax.tuning.agreement_table` for the direction-selective channels of
+    ``layer`` among those in ``stage2`` (:func:`kv3d_jax.tuning.direction_selective` with
+    ``min_peak``, the peak measured against all of the layer's channels), each marked with
+    ``reliable[channel]``, and their median angular difference (degrees; NaN when none).
 
-    Channels whose read-out found no observable motion (NaN direction) are left out.
+    Channels whose read-out found no direction (NaN) are left out.
     """
     stage2 = {c: d for c, d in stage2.items() if np.isfinite(d)}
     responses = tuning.grating_responses(model, params, layer, DIRECTIONS, SPATIAL_FREQS, TEMPORAL_FREQS)
     result = tuning.direction_tuning(responses, DIRECTIONS)
-    channels = np.asarray(sorted(stage2), np.int64)
+    selective = tuning.direction_selective(result, min_peak=min_peak)
+    channels = np.asarray([c for c in sorted(stage2) if selective[c]], np.int64)
     rows, medians = tuning.agreement_table(
         {layer: (result.preferred_deg[channels], result.dsi[channels], [stage2[c] for c in channels])}
     )
     # agreement_table numbers rows by position; name the real channels.
-    rows = [row._replace(channel=int(channels[row.channel])) for row in rows]
+    rows = [row._replace(channel=int(channels[row.channel]),
+                         reliable=None if reliable is None else reliable[int(channels[row.channel])]) for row in rows]
     return rows, medians[layer]
 
 
-def report(run_dir, weights=None, layers: Sequence[str] | None = None,
-           stage: str = "stage2") -> tuple[list, dict[str, float], int]:
+def report(run_dir, weights=None, layers: Sequence[str] | None = None, stage: str = "stage2",
+           min_peak: float = tuning.PEAK_FRACTION) -> tuple[list, dict[str, float], int]:
     """Agreement rows, per-layer medians and kernels compared, for run folder ``run_dir``,
-    with the dominant directions of ``stage`` (a key of :data:`STAGES`).
+    with the dominant directions of ``stage`` (a key of :data:`STAGES`); ``min_peak``: see
+    :func:`layer_agreement` (0 counts every channel with a DSI of at least 0.3).
 
     The run's model is loaded as ``kv3d visualize`` loads it (``weights`` unless it is the
     embedded default model), and must be the one the run recorded.
@@ -88,20 +105,34 @@ def report(run_dir, weights=None, layers: Sequence[str] | None = None,
             stage2 = dominant_directions(store, model, model.check_layer(layer), settings, stage)
             if not stage2:
                 continue
-            layer_rows, medians[layer] = layer_agreement(model, params, layer, stage2)
+            layer_rows, medians[layer] = layer_agreement(model, params, layer, stage2,
+                                                         reliable_kernels(store, model, layer, settings), min_peak)
             rows += layer_rows
             compared += len(stage2)
     return rows, medians, compared
 
 
+def split_medians(rows, layer: str) -> tuple[tuple[int, float], tuple[int, float], tuple[int, float]]:
+    """``(count, median difference)`` of ``layer``'s rows: all, the reliable ones, the others (NaN median
+    for none)."""
+    def summary(chosen):
+        diffs = [r.difference_deg for r in chosen]
+        return len(diffs), float(np.median(diffs)) if diffs else float("nan")
+    mine = [r for r in rows if r.layer == layer]
+    return summary(mine), summary([r for r in mine if r.reliable]), summary([r for r in mine if not r.reliable])
+
+
 def markdown(rows, medians: dict[str, float], stage: str = "stage2") -> str:
-    """The per-layer summary and per-channel table as Markdown (``stage`` names the direction column)."""
-    lines = ["| layer | DS channels | median difference (deg) |", "|---|---|---|"]
-    for layer, median in medians.items():
-        count = sum(row.layer == layer for row in rows)
-        lines.append(f"| {layer} | {count} | {median:.1f} |" if count else f"| {layer} | 0 | – |")
-    lines += ["", f"| layer | channel | grating-preferred (deg) | DSI | {STAGES[stage][1]} (deg) | difference (deg) |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r.layer} | {r.channel} | {r.grating_deg:.1f} | {r.dsi:.2f} | {r.stage2_deg:.1f} | {r.difference_deg:.1f} |"
-              for r in rows]
+    """The per-layer summary (all direction-selective channels, the reliable ones, the others) and
+    the per-channel table as Markdown (``stage`` names the direction column)."""
+    def cell(count, median):
+        return f"{count} | {median:.1f}" if count else f"{count} | –"
+    lines = ["| layer | DS channels | median difference (deg) | reliable | median (deg) | unreliable | median (deg) |",
+             "|---|---|---|---|---|---|---|"]
+    for layer in medians:
+        lines.append(f"| {layer} | " + " | ".join(cell(*part) for part in split_medians(rows, layer)) + " |")
+    lines += ["", f"| layer | channel | grating-preferred (deg) | DSI | {STAGES[stage][1]} (deg) | difference (deg) "
+              "| reliable |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.layer} | {r.channel} | {r.grating_deg:.1f} | {r.dsi:.2f} | {r.stage2_deg:.1f} | {r.difference_deg:.1f} "
+              f"| {'–' if r.reliable is None else 'yes' if r.reliable else 'no'} |" for r in rows]
     return "\n".join(lines) + "\n"

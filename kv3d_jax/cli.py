@@ -295,15 +295,17 @@ def _run_tuning(args) -> int:
     png = tuning.polar_plot(f"{stem}_tuning.png", result, directions, title=f"{model.name} {args.layer}")
     writers.save_npz(
         f"{stem}_tuning.npz", responses=responses, directions=directions, spatial_freqs=np.asarray(args.sf),
-        temporal_freqs=np.asarray(args.tf), preferred_deg=result.preferred_deg, dsi=result.dsi,
+        temporal_freqs=np.asarray(args.tf), preferred_deg=result.preferred_deg, dsi=result.dsi, peak=result.peak,
     )
-    print("channel  preferred_deg    DSI  best_sf  best_tf")
-    for c, (pref, dsi, s, f) in enumerate(zip(result.preferred_deg, result.dsi, result.best_sf, result.best_tf)):
-        mark = "  DS" if dsi >= tuning.DS_THRESHOLD else ""
-        print(f"{c:7d}  {pref:13.1f}  {dsi:5.2f}  {args.sf[s]:7.3g}  {args.tf[f]:7.3g}{mark}")
-    selective = result.dsi >= tuning.DS_THRESHOLD
+    selective = tuning.direction_selective(result)
+    print("channel  preferred_deg    DSI     peak  best_sf  best_tf")
+    for c, (pref, dsi, peak, s, f) in enumerate(zip(result.preferred_deg, result.dsi, result.peak, result.best_sf,
+                                                    result.best_tf)):
+        mark = "  DS" if selective[c] else ""
+        print(f"{c:7d}  {pref:13.1f}  {dsi:5.2f}  {peak:7.3g}  {args.sf[s]:7.3g}  {args.tf[f]:7.3g}{mark}")
     print(f"{selective.sum()} of {len(selective)} channels of {model.name} {args.layer} are direction-selective "
-          f"(DSI >= {tuning.DS_THRESHOLD}); polar plots in {png}")
+          f"(DSI >= {tuning.DS_THRESHOLD} and a peak response of at least {tuning.PEAK_FRACTION:.0%} of the "
+          f"layer's strongest); polar plots in {png}")
     return 0
 
 
@@ -427,8 +429,11 @@ def _run_decompose(args) -> int:
         for k, stem in enumerate(stems):
             writers.save_decomposition(out, stem, videos[k], result.static[k], result.displacement[k],
                                        result.reconstruction[k], valid=np.asarray(summary.weight[k]) > 0)
-            print(f"{stem}: direction {float(summary.direction_deg[k]):5.1f} deg, speed "
-                  f"{float(summary.speed[k]):.3f} px/frame, PSNR {float(summary.psnr[k]):.1f} dB")
+            speed = ("ambiguous (aliased)" if bool(summary.aliased[k])
+                     else f"{float(summary.speed[k]):.3f} px/frame")
+            print(f"{stem}: direction {float(summary.direction_deg[k]):5.1f} deg, speed {speed}, PSNR "
+                  f"{float(summary.psnr[k]):.1f} dB, motion explains {float(summary.explained[k]):.0%} of the "
+                  f"frames' change")
     print(f"{len(inputs)} videos decomposed; files in {args.out}")
     return 0
 
@@ -519,28 +524,37 @@ def _add_agreement(sub) -> None:
         "agreement",
         help="grating-preferred vs stage-2 direction of the direction-selective channels of a run",
         description="For each layer of a `kv3d visualize` run folder: every direction-selective "
-        f"channel's (DSI >= {tuning.DS_THRESHOLD}) preferred drifting-grating direction beside the "
-        "dominant direction of its stage-2 motion (or, with --stage refined, of its refinement's), and "
-        "the median angular difference. Writes OUT/agreement.md (OUT/agreement_refined.md).",
+        f"channel's (DSI >= {tuning.DS_THRESHOLD} and a peak response of at least --min-peak of the layer's "
+        "strongest) preferred drifting-grating direction beside the dominant direction of its stage-2 motion "
+        "(or, with --stage refined, of its refinement's), and the median angular difference over all of them, "
+        "the reliable ones and the rest. Writes OUT/agreement.md (OUT/agreement_refined.md).",
     )
     p.add_argument("--out", default=job["out"], help=f"the run folder (default {job['out']})")
     p.add_argument("--weights", help=f"the run's params file or checkpoint (not needed for {job['model']})")
     p.add_argument("--layer", action="append", help="only this layer (repeatable)")
     p.add_argument("--stage", default="stage2", choices=tuple(agreement.STAGES),
                    help="whose motion to compare: stage2 (default) or refined (a run made with --refine)")
+    p.add_argument("--min-peak", type=float, default=tuning.PEAK_FRACTION, metavar="FRACTION",
+                   help=f"least peak response of a direction-selective channel, as a fraction of the layer's "
+                   f"strongest (default {tuning.PEAK_FRACTION}; 0 counts every channel with DSI >= "
+                   f"{tuning.DS_THRESHOLD})")
     p.set_defaults(run=_run_agreement)
 
 
 def _run_agreement(args) -> int:
     _output_folder(args.out)
-    rows, medians, compared = agreement.report(args.out, args.weights, args.layer, args.stage)
+    if not 0.0 <= args.min_peak <= 1.0:
+        raise ValueError(f"--min-peak must be a fraction between 0 and 1, got {args.min_peak}")
+    rows, medians, compared = agreement.report(args.out, args.weights, args.layer, args.stage, args.min_peak)
     if not compared:
         raise ValueError(f"{args.out} holds no finished kernels yet; run `kv3d visualize --out {args.out}` first")
     table = agreement.markdown(rows, medians, args.stage)
     name = "agreement.md" if args.stage == "stage2" else f"agreement_{args.stage}.md"
     writers.save_text(f"{args.out}/{name}", table)
     print(table, end="")
-    print(f"{len(rows)} of {compared} kernels are direction-selective; table in {args.out}/{name}")
+    reliable = sum(bool(row.reliable) for row in rows)
+    print(f"{len(rows)} of {compared} kernels are direction-selective, {reliable} of them reliable; "
+          f"table in {args.out}/{name}")
     return 0
 
 

@@ -10,7 +10,8 @@ and changes no other kernel's result. Every kernel's
 randomness comes from ``(seed, layer, channel)`` alone and both stages treat the kernels
 of a batch independently, so an interruption changes no result, and the chunk size none
 beyond float rounding (another batch size may reorder a reduction: measured ≤ 1e-7
-relative); a resumed sweep computes exactly the kernels that have no file yet.
+relative on the arrays, ~1e-5 on the trust scores, which are ratios of sums over a clip);
+a resumed sweep computes exactly the kernels that have no file yet.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kv3d_jax import decomposition, gallery, maximization, refinement, writers
+from kv3d_jax import decomposition, gallery, maximization, refinement, reliability, writers
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import get_preset, maximize
 from kv3d_jax.models import motionnet
@@ -53,6 +54,8 @@ DEFAULT_JOB = {
 OTHER_MODELS = {"preset": "paper", "decompose_steps": 2000}
 
 SUMMARY = ("objective", "direction_deg", "speed", "psnr", "failed")
+# How far a kernel's pictures can be trusted (kv3d_jax.reliability); booleans stored as 0/1.
+TRUST = ("reliability", "reliable", "dead", "aliased", "gain", "explained")
 # What the refinement adds to a kernel's record, each name prefixed "refined_".
 REFINED = ("video", "static", "displacement", "objective", "direction_deg", "speed")
 # The dtypes a model may run in (Settings.dtype).
@@ -76,6 +79,8 @@ class Settings:
         started from each decomposition; 0 skips it.
       refine_motion: the motion the refinement may use (:attr:`kv3d_jax.refinement.Config.motion`).
       dtype: the dtype the model runs in, ``"float32"`` or ``"bfloat16"``.
+      rectify_linear: rectify the layers whose output is linear in the input (``model.linear_layers``),
+        whose channel mean would otherwise peak at a flat colour (SPEC §5).
     """
 
     model: str
@@ -87,6 +92,11 @@ class Settings:
     refine_steps: int = 0
     refine_motion: str = RefineConfig.motion
     dtype: str = "float32"
+    rectify_linear: bool = True
+
+    def rectified(self, model, layer: str) -> bool:
+        """Whether stage 1 maximises ``layer`` of ``model`` after a ReLU."""
+        return self.rectify or (self.rectify_linear and layer in model.linear_layers)
 
     def __post_init__(self):
         get_preset(self.preset)
@@ -105,7 +115,8 @@ class Settings:
 
 def job_settings(model: str | None = None, preset: str | None = None, steps: int | None = None,
                  decompose_steps: int | None = None, seed: int | None = None, rectify: bool = False,
-                 refine_steps: int = 0, refine_motion: str = RefineConfig.motion, dtype: str = "float32") -> Settings:
+                 refine_steps: int = 0, refine_motion: str = RefineConfig.motion, dtype: str = "float32",
+                 rectify_linear: bool = True) -> Settings:
     """:class:`Settings` with every option not given filled in: from :data:`DEFAULT_JOB` for its
     model (and, for ``steps``, its preset), else from :data:`OTHER_MODELS` and the preset."""
     model = model or DEFAULT_JOB["model"]
@@ -116,7 +127,7 @@ def job_settings(model: str | None = None, preset: str | None = None, steps: int
     if decompose_steps is None:
         decompose_steps = (DEFAULT_JOB if default else OTHER_MODELS)["decompose_steps"]
     return Settings(model, preset, steps, decompose_steps, DEFAULT_JOB["seed"] if seed is None else seed, rectify,
-                    refine_steps, refine_motion, dtype)
+                    refine_steps, refine_motion, dtype, rectify_linear)
 
 
 def job_layers(model, layers: Sequence[str] | None, every: bool = False) -> tuple[str, ...]:
@@ -178,7 +189,7 @@ def kernel_schema(shape: tuple[int, int, int], refined: bool = False) -> dict[st
         "static": (h, w, 3),
         "displacement": (t, h, w, 2),
         "reconstruction": (t, h, w, 3),
-        **{name: () for name in SUMMARY},
+        **{name: () for name in SUMMARY + TRUST},
     }
     return {**schema, **{f"refined_{name}": schema[name] for name in REFINED}} if refined else schema
 
@@ -198,7 +209,9 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: 
     is called as steps finish. With ``settings.refine_steps``, the refinement (stage 3) starts
     from stage 2's result with ``fold_in(layer key, 3)``. Every stage batches its kernels within
     ``memory_budget`` bytes per device (default: the runner's). A record's ``failed`` is 0, or
-    the number of the first stage whose result for the kernel is not finite.
+    the number of the first stage whose result for the kernel is not finite; its
+    :data:`TRUST` fields come from :func:`kv3d_jax.motion.motion_summary` with stage 1's
+    objective against random videos drawn with ``fold_in(layer key, 4)``.
     """
     key = layer_key(settings.seed, layer)
     common = dict(memory_budget=memory_budget, compute_dtype=jnp.dtype(settings.dtype))
@@ -206,21 +219,28 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: 
     def report(stage):
         return None if progress is None else lambda done, total, _: progress(stage, done, total)
 
+    config = maximization.preset(settings.preset, steps=settings.steps, rectify=settings.rectified(model, layer))
     stage1 = maximize(model, params, layer, list(channels), key=jax.random.fold_in(key, 1), callback=report(1),
-                      config=maximization.preset(settings.preset, steps=settings.steps, rectify=settings.rectify),
-                      **common)
+                      config=config, **common)
     dec = decompose(stage1.videos, channels, config=decomposition.Config(steps=settings.decompose_steps),
                     key=jax.random.fold_in(key, 2), callback=report(2), **common)
-    summary = motion_summary(dec, border=_BORDER)
+    targets = np.asarray(channels, np.int64)
+    random = reliability.baseline(model, params, layer, targets, jax.random.fold_in(key, 4), config,
+                                  compute_dtype=common["compute_dtype"])
+    peak = reliability.peak(model, params, layer, targets, stage1.videos, config, common["compute_dtype"])
+    summary = motion_summary(dec, border=_BORDER, objective=stage1.objective, baseline=random, peak=peak)
+    gain = reliability.gain(stage1.objective, random)
     failed = np.where(stage1.failed, 1, np.where(dec.failed, 2, 0))
     arrays = {
         "video": stage1.videos, "objective": stage1.objective, "static": dec.static,
         "displacement": dec.displacement, "reconstruction": dec.reconstruction,
         "direction_deg": summary.direction_deg, "speed": summary.speed, "psnr": summary.psnr,
+        "reliability": summary.reliability, "reliable": summary.reliable, "aliased": summary.aliased,
+        "dead": reliability.dead(peak, gain), "gain": gain, "explained": summary.explained,
     }
     if settings.refine_steps:
         config = refinement.Config(motion=settings.refine_motion, steps=settings.refine_steps,
-                                   preset=maximization.preset(settings.preset, rectify=settings.rectify))
+                                   preset=maximization.preset(settings.preset, rectify=config.rectify))
         refined = refine(model, params, layer, dec, list(channels), config=config, key=jax.random.fold_in(key, 3),
                          callback=report(3), **common)
         motion = motion_summary(refined, border=_BORDER)
@@ -340,6 +360,8 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
             channel=c, objective=float(r["objective"]), direction_deg=float(r["direction_deg"]),
             speed=float(r["speed"]), psnr=float(r["psnr"]),
             media={kind: f"{layer}/{name}" for kind, name in names.items()},
+            reliability=float(r["reliability"]), reliable=bool(r["reliable"]), dead=bool(r["dead"]),
+            aliased=bool(r["aliased"]), failed=int(r["failed"]),
         ))
     title = f"{model.name} {layer}"
     figures = {}
@@ -353,15 +375,20 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
             folder / f"{model.name}_{layer}_motion.png")
         figures = {"static textures": f"{layer}/{sheet.name}", "directions and speeds": f"{layer}/{hist.name}"}
     notes = [f"{len(done)} of {max(wanted, len(done))} kernels finished"] if len(done) < wanted else []
-    if layer in model.linear_layers and not settings.rectify:
-        notes.append(f"{layer}'s output is linear in the input, so the optimum of a channel's mean is a flat colour")
+    if layer in model.linear_layers:
+        notes.append(f"{layer}'s output is linear in the input, so the optimum of a channel's mean would be a flat "
+                     "colour: its channels are shown rectified (maximised after a ReLU)"
+                     if settings.rectified(model, layer) else
+                     f"{layer}'s output is linear in the input, so the optimum of a channel's mean is a flat colour")
     refined = f", {settings.refine_steps} refinement steps ({settings.refine_motion} motion)" if settings.refine_steps else ""
-    subtitle = (f"{settings.preset} preset{', rectified' if settings.rectify else ''}, {settings.steps} stage-1 "
+    subtitle = (f"{settings.preset} preset{', rectified' if settings.rectified(model, layer) else ''}, "
+                f"{settings.steps} stage-1 "
                 f"steps, {settings.decompose_steps} decomposition steps"
                 f"{refined}, seed {settings.seed}")
     page = gallery.write_page(out / f"{layer}.html", gallery.layer_page(f"{title}: {subtitle}", kernels, figures, notes))
     return gallery.LayerView(layer=layer, page=page.name, figures=figures, done=len(done), total=max(wanted, len(done)),
-                             mean_psnr=_mean([k.psnr for k in kernels]), mean_speed=_mean([k.speed for k in kernels]))
+                             mean_psnr=_mean([k.psnr for k in kernels]), mean_speed=_mean([k.speed for k in kernels]),
+                             reliable=sum(k.reliable for k in kernels), dead=sum(k.dead for k in kernels))
 
 
 def visualize(model, params, layers: Sequence[str], channels: str, out, settings: Settings, chunk: int,

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from kv3d_jax import stimuli, writers
 from kv3d_jax.models.base import Params, VideoModel
 
-DS_THRESHOLD = 0.3  # DSI at or above which a channel counts as direction-selective
+DS_THRESHOLD = 0.3  # DSI at or above which a channel counts as direction-selective ...
+PEAK_FRACTION = 0.1  # ... if its peak response is also at least this fraction of the layer's strongest
 
 
 class DirectionTuning(NamedTuple):
@@ -34,6 +35,7 @@ class DirectionTuning(NamedTuple):
       best_sf, best_tf: ``(C,)`` indices of the spatial and temporal frequency of the
         strongest response.
       curve: ``(C, D)`` response to each direction at the best SF and TF.
+      peak: ``(C,)`` the strongest response (preferred direction, best SF and TF).
     """
 
     preferred_deg: np.ndarray
@@ -41,10 +43,12 @@ class DirectionTuning(NamedTuple):
     best_sf: np.ndarray
     best_tf: np.ndarray
     curve: np.ndarray
+    peak: np.ndarray
 
 
 class AgreementRow(NamedTuple):
-    """One direction-selective channel: grating-preferred vs stage-2 dominant direction (degrees)."""
+    """One direction-selective channel: grating-preferred vs stage-2 dominant direction (degrees), and
+    whether its kernel record counts as reliable (None where unknown)."""
 
     layer: str
     channel: int
@@ -52,6 +56,7 @@ class AgreementRow(NamedTuple):
     dsi: float
     stage2_deg: float
     difference_deg: float
+    reliable: bool | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layer", "shape", "chunk"))
@@ -137,7 +142,17 @@ def direction_tuning(responses: np.ndarray, directions: Sequence[float]) -> Dire
     r_null = curve[np.arange(c), opposite[pref]]
     total = r_pref + r_null
     dsi = np.where(total > 0, (r_pref - r_null) / np.where(total > 0, total, 1.0), 0.0)
-    return DirectionTuning(directions[pref], dsi, best_sf, best_tf, curve)
+    return DirectionTuning(directions[pref], dsi, best_sf, best_tf, curve, r_pref)
+
+
+def direction_selective(tuning: DirectionTuning, min_dsi: float = DS_THRESHOLD,
+                        min_peak: float = PEAK_FRACTION) -> np.ndarray:
+    """Which channels ``(C,)`` are direction-selective: DSI at least ``min_dsi`` and a peak response at
+    least ``min_peak`` times the strongest peak of the channels in ``tuning`` (its layer), so that a
+    channel that hardly responds is not counted on a ratio of small numbers."""
+    peak = np.asarray(tuning.peak, np.float64)
+    strongest = peak.max() if peak.size else 0.0
+    return (np.asarray(tuning.dsi) >= min_dsi) & (peak > 0) & (peak >= min_peak * strongest)
 
 
 def agreement_table(

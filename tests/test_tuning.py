@@ -110,6 +110,20 @@ def test_direction_tuning_reads_preference_and_dsi_at_the_best_frequencies():
     assert (result.best_sf[0], result.best_tf[0]) == (1, 0)
     np.testing.assert_allclose(result.dsi, [(1.0 - 0.25) / (1.0 + 0.25), 0.0, 0.0])
     np.testing.assert_allclose(result.curve[0], responses[:, 1, 0, 0])
+    np.testing.assert_allclose(result.peak, [1.0, 0.7, 0.0])
+
+
+def test_direction_selective_needs_a_peak_response_of_a_tenth_of_the_layers_strongest():
+    responses = np.zeros((8, 1, 1, 4))
+    # Every channel responds 4x more to 0° than to 180°; their peaks are 1, 0.2, 0.05 and 0.
+    for c, peak in enumerate((1.0, 0.2, 0.05, 0.0)):
+        responses[:, 0, 0, c] = 0.25 * peak
+        responses[0, 0, 0, c] = peak
+    result = tuning.direction_tuning(responses, DIRECTIONS)
+    np.testing.assert_allclose(result.dsi[:3], 0.6)
+    np.testing.assert_array_equal(tuning.direction_selective(result), [True, True, False, False])
+    np.testing.assert_array_equal(tuning.direction_selective(result, min_peak=0.0), [True, True, True, False])
+    np.testing.assert_array_equal(tuning.direction_selective(result, min_peak=0.5), [True, False, False, False])
 
 
 def test_direction_tuning_needs_opposite_directions():

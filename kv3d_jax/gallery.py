@@ -61,7 +61,7 @@ class KernelView:
       media: media kind (keys of :data:`MEDIA` and :data:`LINKS`) -> file path relative to the page.
       reliability: how far the kernel's result can be trusted, in [0, 1] (NaN: not rated).
       reliable: whether the result counts as reliable.
-      dead: the optimisation never beat random videos: there is nothing to see.
+      dead: the optimisation did not clearly beat random videos, or never activated the kernel.
       aliased: the speed cannot be told from its temporal alias (``speed`` is then NaN).
       failed: 0, or the stage (1, 2, 3) whose result turned non-finite.
     """
@@ -402,8 +402,9 @@ def layer_page(
                 'as on the colour wheel at the right, brightness = speed; grey = not read out) and the '
                 'reconstruction from the two; the arrow shows the dominant direction of motion. '
                 'The badge gives its reliability, 0–1, computed from the kernel\'s own optimisation and '
-                'decomposition: objective gain over random videos, observable and coherent motion, no temporal '
-                'aliasing (green = reliable, amber = not; dead = never beat random videos, so there is nothing '
+                'decomposition: the objective\'s gain over random videos, how much of the frames\' change one '
+                'translation explains, no temporal aliasing (green = reliable, amber = not; dead = no clear gain '
+                'over random videos or no positive activation, so there is nothing '
                 'to see; “failed in stage N” = that stage\'s result turned non-finite; “speed ambiguous” = the '
                 'speed cannot be told from its temporal alias).</p>')
     body.append(controls)

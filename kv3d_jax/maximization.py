@@ -271,7 +271,8 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
         value = value_fn(model_params, model_input(video, None, config.resize, mean, std), state.target)
         return minmax_normalize(video[None])[0], value
 
-    return runner.Problem(init, kernel_step(model, layer, config, compute_dtype=compute_dtype), outputs)
+    return runner.Problem(init, kernel_step(model, layer, config, compute_dtype=compute_dtype), outputs,
+                          convolves=True)
 
 
 def check_reachable(model: VideoModel, params: Params, layer: str, config: Config, shape) -> int:

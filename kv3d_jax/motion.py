@@ -71,6 +71,9 @@ class MotionSummary:
       aliased: ``(K,)`` bool, the speed cannot be told from a temporal alias.
       reliability: ``(K,)`` in [0, 1] (:func:`kv3d_jax.reliability.score`).
       reliable: ``(K,)`` bool, ``reliability >= RELIABLE``.
+      field_direction_deg: ``(K,)`` SPEC §4's direction: the magnitude-weighted circular mean
+        of the velocity field, observability-weighted; it differs from ``direction_deg`` where
+        the field is a temporal alias of the video's motion.
       velocity: ``(K, T-1, H, W, 2)`` per-frame content velocity, px/frame.
       weight: ``(K, T-1, H, W)`` observability weight of each velocity (see module doc).
     """
@@ -84,6 +87,7 @@ class MotionSummary:
     aliased: jax.Array
     reliability: jax.Array
     reliable: jax.Array
+    field_direction_deg: jax.Array
     velocity: jax.Array
     weight: jax.Array
 
@@ -209,7 +213,7 @@ def motion_summary(decomposition: Decomposition, videos=None, border: int = 2, m
     Without ``objective`` and ``baseline`` the reliability rests on the motion alone.
     """
     out = _read_out(decomposition.static, decomposition.displacement, decomposition.reconstruction, border, margin)
-    direction, speed, v, fraction, period, alias, u, weight = out
+    direction, speed, v, fraction, period, alias, field_direction, u, weight = out
     quality = decomposition.psnr if videos is None else psnr(decomposition.reconstruction, jnp.asarray(videos))
     if objective is None or baseline is None:
         gain, dead = jnp.full(speed.shape, jnp.inf), jnp.zeros(speed.shape, bool)
@@ -219,7 +223,7 @@ def motion_summary(decomposition: Decomposition, videos=None, border: int = 2, m
     score = trust.score(gain, fraction, alias, dead)
     return MotionSummary(direction_deg=direction, speed=speed, psnr=quality, translation=v, explained=fraction,
                          period=period, aliased=alias, reliability=score, reliable=trust.reliable(score),
-                         velocity=u, weight=weight)
+                         field_direction_deg=field_direction, velocity=u, weight=weight)
 
 
 @functools.partial(jax.jit, static_argnames=("border", "margin"))
@@ -236,7 +240,8 @@ def _read_out(static, displacement, reconstruction, border: int, margin: float):
     period = jnp.where(along > 1e-6, 1.0 / jnp.maximum(along, 1e-6), jnp.inf)
     # A still video has no direction.
     direction = jnp.where(speed > 1e-6, direction_deg(v[:, 0], v[:, 1]), jnp.nan)
-    return direction, jnp.where(alias, jnp.nan, speed), v, fraction, period, alias, u, weight
+    field_direction = direction_deg(field_mean[:, 0], field_mean[:, 1])
+    return direction, jnp.where(alias, jnp.nan, speed), v, fraction, period, alias, field_direction, u, weight
 
 
 __all__ = ["MotionSummary", "aliased", "direction_deg", "explained", "motion_summary", "observability", "psnr",

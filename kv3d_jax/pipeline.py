@@ -35,11 +35,9 @@ from kv3d_jax.refinement import MOTIONS, Config as RefineConfig, refine
 from kv3d_jax.store import Store, params_checksum
 
 # `kv3d visualize` with no arguments: all 176 channels of the embedded MotionNet's conv layers.
-# The step counts were chosen by measurement: with them conv4's direction-selective channels
-# agree with their drifting-grating tuning to a median 27.0° (`kv3d agreement`; with stage 2's
-# earlier weights, 12 + 100 steps gave 51.5°, 30 + 300 gave 29.7°, 60 + 150 gave 25.1°) and
-# the job takes about 5 minutes on 2 CPU cores (298 s wall, 509 CPU-s, measured idle). Stage 1
-# dominates: re-measure when its speed changes.
+# The step counts trade agreement with the channels' grating tuning against a job of at most
+# 5 minutes on 2 CPU cores; README.md ("Do the visualisations tell the truth?") has both
+# measurements. Stage 1 dominates the time: re-measure when its speed changes.
 DEFAULT_JOB = {
     "model": "motionnet",
     "layers": motionnet.CONV_LAYERS,

@@ -200,7 +200,7 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
     step = kernel_step(model, layer, stage1, parameterization, functools.partial(penalty, config=config),
                        compute_dtype)
     if not from_start:
-        return runner.Problem(init, step, outputs)
+        return runner.Problem(init, step, outputs, convolves=True)
 
     # From a decomposition the state is (State, the decomposition's reconstruction), the latter
     # kept for the PSNR only. Adam's initial state holds no parameter values, so it fits the start as well.
@@ -215,7 +215,7 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
         result = outputs(model_params, state[0])
         return result, psnr(result[2][None], state[1][None])[0]
 
-    return runner.Problem(init_from_start, step_from_start, outputs_from_start)
+    return runner.Problem(init_from_start, step_from_start, outputs_from_start, convolves=True)
 
 
 def _decomposition_shape(decomposition, k: int) -> tuple[int, int, int]:

@@ -59,11 +59,13 @@ REPLICATED = PartitionSpec()
 
 
 class Problem(NamedTuple):
-    """One kernel's optimisation as pure functions (see the module doc)."""
+    """One kernel's optimisation as pure functions (see the module doc). ``convolves``: its step
+    runs convolutions, whose chunks are unrolled on CPU devices (:func:`unrolled`)."""
 
     init: Callable[[jax.Array, Any], Any]
     step: Callable[[Params, Any, jax.Array], tuple[Any, jax.Array]]
     outputs: Callable[[Params, Any], Any]
+    convolves: bool = False
 
 
 class Result(NamedTuple):
@@ -94,11 +96,21 @@ def kernel_keys(key: jax.Array | None, ids) -> jax.Array:
     return key
 
 
-def chunk_length(steps: int, chunk: int) -> int:
-    """Steps per compiled chunk: ``chunk``, or ``steps`` if fewer (at least 1)."""
+def chunk_length(steps: int, chunk: int, problem: Problem | None = None, mesh=None) -> int:
+    """Steps per compiled chunk: ``chunk``, or ``steps`` if fewer (at least 1); at most
+    :data:`CPU_CHUNK` where ``problem``'s chunks are unrolled on ``mesh`` (:func:`unrolled`)."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 step, got {chunk}")
-    return max(1, min(chunk, steps))
+    length = max(1, min(chunk, steps))
+    return min(length, CPU_CHUNK) if problem is not None and unrolled(problem, mesh) else length
+
+
+def unrolled(problem: Problem, mesh) -> bool:
+    """Whether a chunk's steps are unrolled rather than looped: for a problem that convolves, on
+    CPU devices, where XLA runs the body of a loop without spreading its convolutions over the
+    cores (a stage-1 step of MotionNet conv3 took 2-4 times as long inside ``lax.scan`` as
+    unrolled; stage 2's warps gained nothing)."""
+    return problem.convolves and mesh.devices.flat[0].platform == "cpu"
 
 
 def cast_floats(tree: Any, dtype) -> Any:
@@ -134,6 +146,10 @@ class _InMesh:
             return self.program.eval_shape(*args)
 
 
+# Most steps in one unrolled chunk: compile time grows with it.
+CPU_CHUNK = 10
+
+
 @functools.lru_cache(maxsize=64)
 def _programs(problem: Problem, mesh, length: int):
     """Jitted ``init(keys, targets)``, ``advance(params, state, run_keys, start)`` (``length``
@@ -151,7 +167,8 @@ def _programs(problem: Problem, mesh, length: int):
             keys = jax.vmap(jax.random.fold_in, (0, None))(run_keys, i)
             return jax.vmap(problem.step, in_axes=(None, 0, 0))(params, state, keys)
 
-        return jax.lax.scan(body, state, start + jnp.arange(length, dtype=jnp.uint32))
+        return jax.lax.scan(body, state, start + jnp.arange(length, dtype=jnp.uint32),
+                            unroll=length if unrolled(problem, mesh) else 1)
 
     def finish(params, state):
         outputs = jax.vmap(problem.outputs, in_axes=(None, 0))(params, state)
@@ -189,15 +206,30 @@ def _batch_size(problem, model_params, targets, mesh, length: int, k: int, batch
         return distribute.padded_batch(min(batch_size, k), mesh)
     devices = mesh.devices.size
     budget = distribute.device_memory_budget(mesh) if memory_budget is None else int(memory_budget)
-    compile_for = lambda n: compiled_chunk(problem, model_params, targets, n, length, mesh, compute_dtype)
-    return devices * distribute.kernels_per_device(compile_for, budget, -(-k // devices),
-                                                   distribute.analysis_undercount(mesh))
+    # A sweep asks for the same plan chunk after chunk: the compiles that size it run once.
+    plan = (problem, mesh, length, k, budget, str(jnp.dtype(compute_dtype)), _signature(model_params),
+            _signature(targets))
+    if plan not in _PLANS:
+        compile_for = lambda n: compiled_chunk(problem, model_params, targets, n, length, mesh, compute_dtype)
+        _PLANS[plan] = devices * distribute.kernels_per_device(compile_for, budget, -(-k // devices),
+                                                               distribute.analysis_undercount(mesh))
+    return _PLANS[plan]
+
+
+# Batch sizes already planned, by everything they depend on (see _batch_size).
+_PLANS: dict = {}
+
+
+def _signature(tree: Any) -> tuple:
+    """The structure, shapes and dtypes of ``tree``: all a compiled program's memory depends on."""
+    leaves, structure = jax.tree.flatten(tree)
+    return structure, tuple((np.shape(leaf), str(jnp.result_type(leaf))) for leaf in leaves)
 
 
 def _optimise(problem, model_params, targets, keys, mesh, k, steps, chunk, memory_budget, batch_size, compute_dtype,
               callback):
     """:func:`run`'s batch loop over ``k`` kernels: their outputs and failures, batch by batch."""
-    length = chunk_length(steps, chunk)
+    length = chunk_length(steps, chunk, problem, mesh)
     batch = _batch_size(problem, model_params, targets, mesh, length, k, batch_size, memory_budget, compute_dtype)
     init, advance, finish = _programs(problem, mesh, length)
     params = cast_floats(model_params, compute_dtype)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+from PIL import Image
 
 from kv3d_jax import motion, render
 
@@ -41,14 +42,21 @@ def _atomic_write(path: Path, write) -> Path:
 def save_gif(path, video, fps: float = 8.0) -> Path:
     """Writes ``video`` ``(T, H, W, 3)`` in [0, 1] as a looping GIF at ``fps`` frames/s.
 
+    Each frame gets its own 256-colour palette by Pillow's fast octree, without dithering: as
+    close to the frame as the median-cut palette Pillow picks by default, and several times
+    faster (median cut took more of a CPU sweep's time than stage 2).
+
     Pillow's GIF encoder stores a run of identical consecutive frames (after 8-bit rounding)
     once, with their durations added: it plays the same, but a reader counts fewer frames
     (e.g. a motion GIF whose velocity field does not change over time).
     """
-    frames = to_uint8(video)
-    return _atomic_write(
-        Path(path), lambda p: iio.imwrite(p, frames, extension=".gif", duration=1000.0 / fps, loop=0)
-    )
+    images = [Image.fromarray(frame).quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+              for frame in to_uint8(video)]
+
+    def write(p):
+        images[0].save(p, format="GIF", save_all=True, append_images=images[1:], duration=1000.0 / fps, loop=0)
+
+    return _atomic_write(Path(path), write)
 
 
 def save_npz(path, **arrays) -> Path:

@@ -202,17 +202,18 @@ SMALL_RUN = ["visualize", "--layer", "conv1", "--channels", "0-1", "--steps", "2
 
 
 def test_a_full_disk_during_visualize_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    real = writers.iio.imwrite
+    # Every picture, GIF or PNG, is written by Pillow.
+    real = writers.Image.Image.save
     calls = []
 
-    def fill_disk(path, *args, **kwargs):
+    def fill_disk(image, path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 3:  # the disk fills up during the first kernel's pictures
             Path(path).write_bytes(b"GIF89a")
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, *args, **kwargs)
+        return real(image, path, *args, **kwargs)
 
-    monkeypatch.setattr(writers.iio, "imwrite", fill_disk)
+    monkeypatch.setattr(writers.Image.Image, "save", fill_disk)
     status, err = run([*SMALL_RUN, "--out", tmp_path / "run"])
     assert_one_error_line(status, err, "visualize", "No space left on device", "free some space")
     assert temp_files(tmp_path) == []

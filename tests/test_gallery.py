@@ -114,7 +114,7 @@ def test_layer_page_shows_each_kernels_reliability():
     assert options[:len(gallery.FIELDS)] == list(gallery.FIELDS) and "reliability" in gallery.FIELDS
     assert options[-4:] == ["all", "reliable", "unreliable", "live"]
     assert '"channels", "show"];' in page  # the script's list of the controls the fragment holds
-    assert "never beat random videos" in page and "no temporal aliasing" in page
+    assert "no clear gain over random videos" in page and "no temporal aliasing" in page
 
 
 def test_index_page_links_every_layer():

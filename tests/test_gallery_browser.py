@@ -57,9 +57,10 @@ def _record(rng, direction, speed, psnr, objective) -> dict:
     displacement = np.broadcast_to(np.arange(t, dtype=np.float32)[:, None, None, None] * [1.0, 0.0],
                                    (t, h, w, 2)).astype(np.float32)
     summary = {"direction_deg": direction, "speed": speed, "psnr": psnr, "objective": objective}
-    # Every other summary the pipeline stores (``failed``, ...) is 0: a kernel whose stages all went well.
+    # Every other field the pipeline stores (``failed``, the trust scores) is 0: a kernel whose stages all
+    # went well.
     return {"video": video, "static": video[0], "displacement": displacement, "reconstruction": video,
-            **{name: np.float32(summary.get(name, 0.0)) for name in pipeline.SUMMARY}}
+            **{name: np.float32(summary.get(name, 0.0)) for name in pipeline.SUMMARY + pipeline.TRUST}}
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,8 @@ def test_summary_recovers_rigid_motion_and_agrees_with_stimuli():
     # Bilinear resampling of the static blurs each frame a little differently: the
     # translation of the reconstruction is then exact only to within a few hundredths.
     assert (angular_difference(np.asarray(summary.direction_deg), directions) < 1.0).all(), summary.direction_deg
+    # SPEC §4's circular mean of the velocity field reads the same rigid motion exactly.
+    np.testing.assert_allclose(np.asarray(summary.field_direction_deg), directions, atol=1e-3)
     np.testing.assert_allclose(np.asarray(summary.speed), speeds, rtol=0.03)
     np.testing.assert_allclose(np.asarray(summary.translation),
                                [velocity_from_direction(d, s) for d, s in zip(directions, speeds)], atol=0.03)
@@ -113,6 +115,7 @@ def test_the_dominant_motion_is_the_videos_not_an_alias_of_the_decomposition():
         if is_alias:
             # Its speed cannot be told from the alias's: reported as ambiguous, not as a number.
             assert np.isnan(float(summary.speed[0]))
+            assert angular_difference(float(summary.field_direction_deg[0]), 180.0) < 1e-3
         else:
             np.testing.assert_allclose(float(summary.speed[0]), 1.0, rtol=0.02)
 

@@ -69,7 +69,7 @@ def test_save_decomposition_writes_the_documented_files(tmp_path):
         pixels = iio.imread(paths[kind], index=None) if kind != "static" else iio.imread(paths[kind])
         assert pixels[..., :3].shape == shape, kind
     deform = iio.imread(paths["deform"], index=None)[..., :3].astype(float) / 255
-    np.testing.assert_allclose(deform[0], static, atol=2 / 255 + 0.02)  # GIF palette
+    np.testing.assert_allclose(deform[0], static, atol=2 / 255 + 0.035)  # a 256-colour octree palette per frame
     assert (deform[-1, :, :, 0] > 0.9).all() and (deform[-1, :, :, 1:] < 0.1).all()  # fastest rightward: red
 
 

@@ -71,8 +71,11 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kv3d`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    # Programs compiled by an earlier run (same job, same jax) are read back, not recompiled.
-    runner.enable_compilation_cache()
+    # Programs compiled by an earlier run (same job, same jax) are read back, not recompiled. Not on
+    # the CPU: jaxlib 0.10 aborts the process reading back a large CPU executable (the unrolled
+    # stage-1 chunks), and there reading back saved no time on the default job.
+    if jax.default_backend() != "cpu":
+        runner.enable_compilation_cache()
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ A stage is a :class:`Problem`, three pure functions of one kernel:
 * failures: a kernel whose final state or outputs hold a non-finite value is reported in
   ``failed``; kernels never mix (every step is vmapped), so it changes no other kernel;
 * compiled programs are cached per (problem, mesh, chunk) in the process, and across
-  processes by JAX's persistent compilation cache (:func:`enable_compilation_cache`).
+  processes by JAX's persistent compilation cache once :func:`enable_compilation_cache` ran.
 
 What comes next fits without changing the runner. Several optima of one channel that share
 an objective term (Lucid's diversity objective) are one *kernel* of the runner: its state

@@ -68,15 +68,21 @@ def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kv3d`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def _cache_compiled_programs() -> None:
+    """Turns on the persistent compilation cache on a GPU or TPU backend (initialises the backend)."""
     # Programs compiled by an earlier run (same job, same jax) are read back, not recompiled. Not on
     # the CPU: jaxlib 0.10 aborts the process reading back a large CPU executable (the unrolled
     # stage-1 chunks), and there reading back saved no time on the default job.
     if jax.default_backend() != "cpu":
         runner.enable_compilation_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kv3d`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
     try:
+        if not getattr(args, "coordinator", None):  # jax.distributed must start before the backend
+            _cache_compiled_programs()
         return args.run(args) or 0
     except KeyboardInterrupt:
         print(f"kv3d {args.command}: error: interrupted; finished work is kept", file=sys.stderr)
@@ -230,6 +236,7 @@ def _run_maximize(args) -> int:
     out = _output_folder(args.out)
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        _cache_compiled_programs()
     model, params = _load(args.model, args.weights)
     model.check_layer(args.layer)
     channels = pipeline.parse_channels(args.channels, model.num_channels(params, args.layer), args.layer)

@@ -5,11 +5,21 @@ from __future__ import annotations
 import contextlib
 import io
 
+import jax
 import pytest
 import torch
 
 import torch_models
 from kv3d_jax import cli
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Frees every compiled program after each test module. One pytest process compiles
+    thousands of programs; each XLA:CPU executable holds hundreds of memory mappings, and at
+    Linux's 65,530 per process compiling aborts the run."""
+    yield
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,9 @@ ITERATIONS = 8
 # Temporal frequency (cycles/frame) of the dominant pattern from which a speed is ambiguous:
 # 0.5 is the Nyquist limit, and near it a shift and its alias differ by little.
 ALIAS_FREQUENCY = 0.4
+# Share of a static's power in its dominant pattern (:func:`periodicity`) from which the content
+# counts as periodic; only periodic content has temporal aliases.
+PERIODIC_SHARE = 0.5
 
 
 @flax.struct.dataclass
@@ -180,24 +183,49 @@ def explained(video: jax.Array, v: jax.Array, border: int = 2) -> jax.Array:
     return jnp.where(change > 1e-12, jnp.clip(1.0 - left / jnp.maximum(change, 1e-12), 0.0, 1.0), 0.0)
 
 
-def wavevector(static: jax.Array) -> jax.Array:
-    """The dominant spatial frequency ``(kx, ky)`` cycles/px (``ky`` downwards) of ``static``
-    ``(H, W, C)``: the peak of its power spectrum, mean removed and Hann-windowed."""
+def _power(static: jax.Array) -> jax.Array:
+    """The power spectrum ``(H, W)`` of ``static`` ``(H, W, C)``'s mean over channels, mean removed
+    and Hann-windowed."""
     h, w = static.shape[:2]
     image = jnp.mean(static, axis=-1)
     window = jnp.outer(jnp.hanning(h), jnp.hanning(w))
-    power = jnp.abs(jnp.fft.fft2((image - jnp.mean(image)) * window)) ** 2
-    peak = jnp.argmax(power)
+    return jnp.abs(jnp.fft.fft2((image - jnp.mean(image)) * window)) ** 2
+
+
+def wavevector(static: jax.Array) -> jax.Array:
+    """The dominant spatial frequency ``(kx, ky)`` cycles/px (``ky`` downwards) of ``static``
+    ``(H, W, C)``: the peak of its power spectrum (:func:`_power`)."""
+    h, w = static.shape[:2]
+    peak = jnp.argmax(_power(static))
     ky, kx = jnp.fft.fftfreq(h)[peak // w], jnp.fft.fftfreq(w)[peak % w]
     return jnp.stack([kx, ky])
 
 
-def aliased(v: jax.Array, k: jax.Array, field_mean: jax.Array) -> jax.Array:
+def periodicity(static: jax.Array) -> jax.Array:
+    """The share (0-1) of ``static`` ``(H, W, C)``'s power within one frequency bin of its
+    dominant pattern (the spectrum's peak and its mirror): near 1 for a grating, about 0.1 for
+    white noise on 16x16 px and less on larger frames."""
+    h, w = static.shape[:2]
+    power = _power(static)
+    peak = jnp.argmax(power)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+
+    def near(py, px):
+        dy, dx = jnp.abs(rows - py) % h, jnp.abs(cols - px) % w
+        return (jnp.minimum(dy, h - dy) <= 1) & (jnp.minimum(dx, w - dx) <= 1)
+
+    py, px = peak // w, peak % w
+    around = near(py, px) | near(-py % h, -px % w)
+    return jnp.sum(jnp.where(around, power, 0.0)) / jnp.maximum(jnp.sum(power), 1e-30)
+
+
+def aliased(v: jax.Array, k: jax.Array, field_mean: jax.Array, periodic: jax.Array) -> jax.Array:
     """Whether the speed of translation ``v`` ``(2,)`` px/frame cannot be told from a temporal alias
-    for a pattern of wavevector ``k`` ``(2,)`` cycles/px: its temporal frequency ``|k·v|`` is at
-    least :data:`ALIAS_FREQUENCY`, or the velocity field's mean ``field_mean`` ``(2,)`` px/frame
-    is a different alias (differs from ``v`` by half a period or more along ``k``)."""
-    return (jnp.abs(jnp.dot(k, v)) >= ALIAS_FREQUENCY) | (jnp.abs(jnp.dot(k, field_mean - v)) >= 0.5)
+    for content that is ``periodic`` (bool) with wavevector ``k`` ``(2,)`` cycles/px: its temporal
+    frequency ``|k·v|`` is at least :data:`ALIAS_FREQUENCY`, or the velocity field's mean
+    ``field_mean`` ``(2,)`` px/frame is a different alias (differs from ``v`` by half a period or
+    more along ``k``). Content without a dominant period has no alias."""
+    return periodic & ((jnp.abs(jnp.dot(k, v)) >= ALIAS_FREQUENCY) | (jnp.abs(jnp.dot(k, field_mean - v)) >= 0.5))
 
 
 def motion_summary(decomposition: Decomposition, videos=None, border: int = 2, margin: float = 2.0,
@@ -234,7 +262,7 @@ def _read_out(static, displacement, reconstruction, border: int, margin: float):
     v = jax.vmap(lambda video: translation(video, border))(reconstruction)
     fraction = jax.vmap(lambda video, vk: explained(video, vk, border))(reconstruction, v)
     k = jax.vmap(wavevector)(static)
-    alias = jax.vmap(aliased)(v, k, field_mean)
+    alias = jax.vmap(aliased)(v, k, field_mean, jax.vmap(periodicity)(static) >= PERIODIC_SHARE)
     speed = jnp.linalg.norm(v, axis=-1)
     along = jnp.abs(jnp.sum(k * v, axis=-1)) / jnp.maximum(speed, 1e-12)
     period = jnp.where(along > 1e-6, 1.0 / jnp.maximum(along, 1e-6), jnp.inf)
@@ -244,5 +272,5 @@ def _read_out(static, displacement, reconstruction, border: int, margin: float):
     return direction, jnp.where(alias, jnp.nan, speed), v, fraction, period, alias, field_direction, u, weight
 
 
-__all__ = ["MotionSummary", "aliased", "direction_deg", "explained", "motion_summary", "observability", "psnr",
-           "translation", "velocity", "wavevector"]
+__all__ = ["MotionSummary", "aliased", "direction_deg", "explained", "motion_summary", "observability", "periodicity",
+           "psnr", "translation", "velocity", "wavevector"]

@@ -150,11 +150,11 @@ class _InMesh:
 CPU_CHUNK = 10
 
 
-# A handful: a layer's stages reuse theirs chunk after chunk, and a finished layer's programs must
-# go. Each XLA:CPU executable holds hundreds of memory mappings (about 1,800 for a MotionNet
-# stage-1 call with its batch-sizing compiles) and Linux allows a process 65,530
-# (vm.max_map_count); past that, compiling aborts the process.
-@functools.lru_cache(maxsize=8)
+# A few layers' worth: a layer's stages reuse theirs chunk after chunk, and a finished layer's
+# programs must go. Each XLA:CPU executable holds hundreds of memory mappings (up to about 1,800
+# for one entry: a MotionNet stage-1 chunk with its batch-sizing compiles) and Linux allows a
+# process 65,530 (vm.max_map_count); past that, compiling aborts the process.
+@functools.lru_cache(maxsize=16)
 def _programs(problem: Problem, mesh, length: int):
     """Jitted ``init(keys, targets)``, ``advance(params, state, run_keys, start)`` (``length``
     steps) and ``finish(params, state) -> (outputs, failed)``, each device on its own kernels."""

@@ -183,40 +183,39 @@ def explained(video: jax.Array, v: jax.Array, border: int = 2) -> jax.Array:
     return jnp.where(change > 1e-12, jnp.clip(1.0 - left / jnp.maximum(change, 1e-12), 0.0, 1.0), 0.0)
 
 
-def _power(static: jax.Array) -> jax.Array:
-    """The power spectrum ``(H, W)`` of ``static`` ``(H, W, C)``'s mean over channels, mean removed
-    and Hann-windowed."""
+def _pattern(static: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The dominant pattern of ``static`` ``(H, W, C)``: its wavevector ``(kx, ky)`` cycles/px and
+    the share (0-1) of power within one frequency bin of it, from one power spectrum of the
+    channel mean (mean removed, Hann-windowed)."""
     h, w = static.shape[:2]
     image = jnp.mean(static, axis=-1)
     window = jnp.outer(jnp.hanning(h), jnp.hanning(w))
-    return jnp.abs(jnp.fft.fft2((image - jnp.mean(image)) * window)) ** 2
+    power = jnp.abs(jnp.fft.fft2((image - jnp.mean(image)) * window)) ** 2
+    peak = jnp.argmax(power)
+    py, px = peak // w, peak % w
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+
+    def near(y, x):
+        dy, dx = jnp.abs(rows - y) % h, jnp.abs(cols - x) % w
+        return (jnp.minimum(dy, h - dy) <= 1) & (jnp.minimum(dx, w - dx) <= 1)
+
+    # A real image's spectrum is symmetric: the pattern's power sits at the peak and its mirror.
+    around = near(py, px) | near(-py % h, -px % w)
+    share = jnp.sum(jnp.where(around, power, 0.0)) / jnp.maximum(jnp.sum(power), 1e-30)
+    return jnp.stack([jnp.fft.fftfreq(w)[px], jnp.fft.fftfreq(h)[py]]), share
 
 
 def wavevector(static: jax.Array) -> jax.Array:
     """The dominant spatial frequency ``(kx, ky)`` cycles/px (``ky`` downwards) of ``static``
-    ``(H, W, C)``: the peak of its power spectrum (:func:`_power`)."""
-    h, w = static.shape[:2]
-    peak = jnp.argmax(_power(static))
-    ky, kx = jnp.fft.fftfreq(h)[peak // w], jnp.fft.fftfreq(w)[peak % w]
-    return jnp.stack([kx, ky])
+    ``(H, W, C)``: the peak of its power spectrum, mean removed and Hann-windowed."""
+    return _pattern(static)[0]
 
 
 def periodicity(static: jax.Array) -> jax.Array:
     """The share (0-1) of ``static`` ``(H, W, C)``'s power within one frequency bin of its
     dominant pattern (the spectrum's peak and its mirror): near 1 for a grating, about 0.1 for
     white noise on 16x16 px and less on larger frames."""
-    h, w = static.shape[:2]
-    power = _power(static)
-    peak = jnp.argmax(power)
-    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-
-    def near(py, px):
-        dy, dx = jnp.abs(rows - py) % h, jnp.abs(cols - px) % w
-        return (jnp.minimum(dy, h - dy) <= 1) & (jnp.minimum(dx, w - dx) <= 1)
-
-    py, px = peak // w, peak % w
-    around = near(py, px) | near(-py % h, -px % w)
-    return jnp.sum(jnp.where(around, power, 0.0)) / jnp.maximum(jnp.sum(power), 1e-30)
+    return _pattern(static)[1]
 
 
 def aliased(v: jax.Array, k: jax.Array, field_mean: jax.Array, periodic: jax.Array) -> jax.Array:
@@ -261,8 +260,8 @@ def _read_out(static, displacement, reconstruction, border: int, margin: float):
     field_mean = jnp.sum(weight[..., None] * u, axis=(1, 2, 3)) / jnp.sum(weight, axis=(1, 2, 3))[:, None]
     v = jax.vmap(lambda video: translation(video, border))(reconstruction)
     fraction = jax.vmap(lambda video, vk: explained(video, vk, border))(reconstruction, v)
-    k = jax.vmap(wavevector)(static)
-    alias = jax.vmap(aliased)(v, k, field_mean, jax.vmap(periodicity)(static) >= PERIODIC_SHARE)
+    k, share = jax.vmap(_pattern)(static)
+    alias = jax.vmap(aliased)(v, k, field_mean, share >= PERIODIC_SHARE)
     speed = jnp.linalg.norm(v, axis=-1)
     along = jnp.abs(jnp.sum(k * v, axis=-1)) / jnp.maximum(speed, 1e-12)
     period = jnp.where(along > 1e-6, 1.0 / jnp.maximum(along, 1e-6), jnp.inf)

@@ -215,8 +215,12 @@ def initial_displacement(video: jax.Array, config: Config = Config()) -> jax.Arr
 
 
 def _displacement(params) -> jax.Array:
-    origin = params["origin"][None]
-    return jnp.concatenate([origin, origin + jnp.cumsum(params["increments"], axis=0)], axis=0)
+    # Added frame by frame rather than with cumsum, whose summation order XLA chooses per
+    # program: a kernel's displacement must not depend on how many kernels share its device.
+    frames = [params["origin"]]
+    for increment in params["increments"]:
+        frames.append(frames[-1] + increment)
+    return jnp.stack(frames)
 
 
 def _optimiser(steps: int, config: Config) -> optax.GradientTransformation:

@@ -66,7 +66,10 @@ def affine_source_coords(n: int, shift: jax.Array, scale: jax.Array) -> jax.Arra
     if n < 2:
         raise ValueError(f"the jitter needs at least 2 samples along every axis, got {n}")
     i = jnp.arange(n, dtype=jnp.float32)
-    return ((i + 0.5) - shift * (n / (n - 1.0))) / scale - 0.5
+    # A product with the reciprocal, not a quotient: XLA rewrites ``x / scale`` as
+    # ``x * (1 / scale)`` in some programs and not in others (it depends on the batch per
+    # device), and the one-ulp difference moves a tap; written out, every program rounds alike.
+    return ((i + 0.5) - shift * (n / (n - 1.0))) * (1.0 / scale) - 0.5
 
 
 def jitter_matrices(jitter: Jitter, shape: tuple[int, int, int]) -> Matrices:

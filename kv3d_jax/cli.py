@@ -69,20 +69,21 @@ def _one_line(err: BaseException) -> str:
 
 
 def _cache_compiled_programs() -> None:
-    """Turns on the persistent compilation cache on a GPU or TPU backend (initialises the backend)."""
-    # Programs compiled by an earlier run (same job, same jax) are read back, not recompiled. Not on
-    # the CPU: jaxlib 0.10 aborts the process reading back a large CPU executable (the unrolled
-    # stage-1 chunks), and there reading back saved no time on the default job.
-    if jax.default_backend() != "cpu":
+    """Turns on JAX's persistent compilation cache, so that running a job again reads its compiled
+    programs back; a cache folder that cannot be made is reported, and the run compiles instead.
+    ``JAX_ENABLE_COMPILATION_CACHE=false`` turns the cache off (JAX's own switch)."""
+    try:
         runner.enable_compilation_cache()
+    except OSError as err:
+        print(f"kv3d: warning: no compilation cache ({_one_line(err)}); set KV3D_CACHE to a writable "
+              "folder to keep compiled programs between runs", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kv3d`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        if not getattr(args, "coordinator", None):  # jax.distributed must start before the backend
-            _cache_compiled_programs()
+        _cache_compiled_programs()
         return args.run(args) or 0
     except KeyboardInterrupt:
         print(f"kv3d {args.command}: error: interrupted; finished work is kept", file=sys.stderr)
@@ -236,7 +237,6 @@ def _run_maximize(args) -> int:
     out = _output_folder(args.out)
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        _cache_compiled_programs()
     model, params = _load(args.model, args.weights)
     model.check_layer(args.layer)
     channels = pipeline.parse_channels(args.channels, model.num_channels(params, args.layer), args.layer)

@@ -13,6 +13,20 @@ import torch_models
 from kv3d_jax import cli
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Every ``kv3d`` a test starts in another interpreter keeps its compiled programs in one folder
+    of the test session (``KV3D_CACHE``), not in the user's home. In this process JAX's cache is
+    off: the tests compile thousands of programs that no later run reads back, and
+    ``test_compilation_cache`` checks the cache the way a user meets it, one job per interpreter."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KV3D_CACHE", str(tmp_path_factory.mktemp("xla_cache")))
+        enabled = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        yield
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
     """Frees every compiled program after each test module. One pytest process compiles

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -68,8 +69,8 @@ def temp_files(folder: Path) -> list[Path]:
 
 def probe(argv, cwd) -> dict:
     """``kv3d argv`` in a fresh interpreter: status, stderr, seconds and MB of peak memory beyond the import."""
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "KV3D_CACHE": os.environ["KV3D_CACHE"]}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
     assert "Traceback" not in proc.stderr, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])

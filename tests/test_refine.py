@@ -257,7 +257,7 @@ def test_refined_c3d_kernels_keep_their_objective_and_their_motion(c3d_params, l
     # The motion kept is the displacement field's: its observability-weighted mean (SPEC §4). These
     # random-weight optima are no rigid translation, so the videos' one translation reads < 0.5 px/frame.
     # Which optimum 20 steps find depends on the CPU's rounding: these starts' field means moved
-    # 0.21-3.1 px/frame on an AVX-512 machine, > 0.5 on others, and kept their directions within 3 degrees.
+    # 0.21-3.1 px/frame on an AVX-512 machine, > 0.5 on others, and kept their directions within 3.1 degrees.
     weight, velocity = np.asarray(was.weight)[..., None], np.asarray(was.velocity)
     field_speed = np.linalg.norm((weight * velocity).sum(axis=(1, 2, 3)) / weight.sum(axis=(1, 2, 3)), axis=-1)
     assert np.all(field_speed >= 0.1), "the start should move, or its direction is the read-out's noise"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from kv3d_jax.models.base import Params, UnknownLayerError, VideoModel
-from kv3d_jax.models import c3d, i3d, motionnet, torchvision_video, vqvae
+from kv3d_jax.models import c3d, i3d, inception_i3d, motionnet, torchvision_video, vqvae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Entry:
 _REGISTRY: dict[str, Entry] = {
     "c3d": Entry(c3d.model, c3d.init_params, "converters.c3d"),
     "i3d_r50": Entry(i3d.model, i3d.init_params, "converters.i3d"),
+    "inception_i3d": Entry(inception_i3d.model, inception_i3d.init_params, "converters.inception_i3d",
+                           inception_i3d.checkpoint_path),
     "motionnet": Entry(motionnet.model, motionnet.init_params, "converters.motionnet", motionnet.checkpoint_path),
     **{name: Entry(functools.partial(torchvision_video.model, name),
                    functools.partial(torchvision_video.init_params, name),

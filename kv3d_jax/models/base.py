@@ -42,6 +42,10 @@ class VideoModel:
       config: the hyper-parameters the model was built with, as ``(name, value)`` pairs
         (empty for a model with one architecture); ``dict(config)`` rebuilds it with
         :func:`kv3d_jax.models.get`.
+      channel_names: ``(layer, names of its channels)`` pairs for layers whose channels have
+        names (a classifier's classes); channels may be chosen by them and galleries show them.
+      min_input_shape: ``(layer, (T, H, W))`` pairs for layers that need a larger clip than
+        ``input_shape`` (a classifier head's pooling window); every other layer takes any size.
     """
 
     name: str
@@ -53,6 +57,8 @@ class VideoModel:
     linear_layers: frozenset[str] = frozenset()
     apply_projected: Callable[[Params, jax.Array, str, jax.Array], jax.Array] | None = None
     config: tuple[tuple[str, Any], ...] = ()
+    channel_names: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    min_input_shape: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
     def check_layer(self, layer: str) -> str:
         """Returns ``layer`` if the model has it, else raises naming the valid ones."""
@@ -82,9 +88,15 @@ class VideoModel:
             return jnp.take(self.features(own_weights(params, upto, weights), video, upto), weights, axis=-1)
         return self.features(params, video, upto) @ weights
 
+    def names_of(self, layer: str) -> tuple[str, ...]:
+        """The names of ``layer``'s channels (``channel_names``), or ``()`` if they have none."""
+        return dict(self.channel_names).get(layer, ())
+
     def output_shape(self, params: Params, layer: str, input_shape=None) -> tuple[int, ...]:
-        """Shape ``(T', H', W', C)`` of ``layer``'s activation for one clip, without computing it."""
-        t, h, w = input_shape or self.input_shape
+        """Shape ``(T', H', W', C)`` of ``layer``'s activation for one clip of ``input_shape`` (default:
+        the model's, enlarged to ``layer``'s ``min_input_shape``), without computing it."""
+        least = dict(self.min_input_shape).get(layer, (0, 0, 0))
+        t, h, w = input_shape or tuple(max(n, m) for n, m in zip(self.input_shape, least))
         video = jax.ShapeDtypeStruct((1, t, h, w, 3), jnp.float32)
         out = jax.eval_shape(lambda p, v: self.features(p, v, layer), params, video)
         return tuple(out.shape[1:])

@@ -234,14 +234,15 @@ _cell_max.defvjp(_cell_max_forward, _cell_max_backward)
 
 
 def max_pool3d(x: jax.Array, window: int | Sequence[int], stride: int | Sequence[int],
-               padding: int | Sequence[int] = 0) -> jax.Array:
+               padding: Padding = 0) -> jax.Array:
     """``torch.nn.MaxPool3d`` (floor mode) on NTHWC; padded cells never win (they are -inf).
+    ``padding``: an int, one per axis, or ``(before, after)`` pairs (TensorFlow's "SAME" pads more after).
 
     Non-overlapping unpadded windows (C3D's pools) are a max over reshaped cells whose gradient
     goes, as PyTorch's does, to the first maximum of each cell; on CPU it runs several times
     faster and keeps a sixteenth of the memory of ``reduce_window``'s select-and-scatter.
     """
-    window, stride, padding = _triple(window), _triple(stride), _triple(padding)
-    if window != stride or any(padding):
-        return nn.max_pool(x, window, strides=stride, padding=tuple((p, p) for p in padding))
+    window, stride, pads = _triple(window), _triple(stride), _pad_pairs(padding)
+    if window != stride or any(p for pair in pads for p in pair):
+        return nn.max_pool(x, window, strides=stride, padding=pads)
     return _cell_max(x, window)

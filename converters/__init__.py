@@ -34,17 +34,25 @@ def formats() -> dict[str, str]:
     return {name: converter(name).CHECKPOINT for name in names()}
 
 
-def convert(model_name: str, path) -> tuple[dict, dict]:
+def convert(model_name: str, path, config: dict | None = None) -> tuple[dict, dict]:
     """``(params, config)`` of model ``model_name`` read from checkpoint file ``path`` (format
     auto-detected): Flax variables of numpy arrays, and the architecture the checkpoint describes
-    as keywords of ``kv3d_jax.models.get(model_name, config)`` (empty for one-architecture models)."""
+    as keywords of ``kv3d_jax.models.get(model_name, config)`` (empty for one-architecture models).
+
+    ``config``: hyper-parameters the file does not record, e.g. inception_i3d's ``bn_eps`` for FVD's
+    copy; they override the converter's and must be ones the model is built with (else a ValueError).
+    """
     found = converter(model_name)
     checkpoint = read_checkpoint(path)
     try:
-        config = found.config(checkpoint) if hasattr(found, "config") else {}
-        return found.convert(checkpoint), config
+        described = found.config(checkpoint) if hasattr(found, "config") else {}
+        params = found.convert(checkpoint)
     except CheckpointError as err:
         raise type(err)(f"{path}: {err}") from None
+    if config:
+        described = {**described, **config}
+        described = dict(models.get(model_name, described).config)
+    return params, described
 
 
 __all__ = [

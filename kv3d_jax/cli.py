@@ -159,12 +159,21 @@ def _add_convert(sub) -> None:
     p.add_argument("checkpoint", help="the checkpoint file")
     p.add_argument("-o", "--output", required=True, help="params file to write (Flax msgpack); it also "
                    "records the model and its hyper-parameters, e.g. VideoGPT's downsample")
+    p.add_argument("--bn-eps", type=float, metavar="EPS",
+                   help="inception_i3d only: the BatchNorm epsilon the weights were trained with, which the "
+                   "file does not record (default 1e-3, DeepMind's and piergiaj's; 1e-5 for the "
+                   "i3d_pretrained_400.pt FVD implementations use); recorded in the params file")
     p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args) -> int:
     output = _output_file(args.output)
-    params, config = converters.convert(args.model, args.checkpoint)
+    overrides = {}
+    if args.bn_eps is not None:
+        if "bn_eps" not in dict(models.get(args.model).config):
+            raise ValueError(f"--bn-eps is a setting of inception_i3d, not of {args.model}")
+        overrides["bn_eps"] = args.bn_eps
+    params, config = converters.convert(args.model, args.checkpoint, overrides)
     params_io.save(output, params, args.model, config)
     leaves = jax.tree.leaves(params)
     fmt = converters.checkpoint.FORMATS[converters.checkpoint_format(args.checkpoint)]
@@ -177,25 +186,29 @@ def _run_convert(args) -> int:
 
 
 def _add_layers(sub) -> None:
-    p = sub.add_parser("layers", help="list a model's layers (with channel counts given params)")
+    p = sub.add_parser("layers", help="list a model's layers with their channel counts")
     p.add_argument("model", help=f"model name: {', '.join(models.names())}")
     p.add_argument("params", nargs="?", help="a params file from `kv3d convert` or the checkpoint, to show "
-                   "channel counts (and the layers of the architecture it describes)")
+                   "the layers and channels of the architecture it describes (default: the model's default one)")
     p.set_defaults(run=_run_layers)
 
 
 def _run_layers(args) -> int:
     if args.params is None:
-        print("\n".join(models.get(args.model).layers))
-        return 0
-    try:
-        model, params = zoo.load(args.model, args.params)
-        channels = [model.num_channels(params, layer) for layer in model.layers]
-    except (flax.errors.FlaxError, params_io.ParamsFileError) as err:
-        raise ValueError(f"{args.params} does not hold {args.model} params: {err}") from None
+        # The default architecture's channel counts, from the shapes of its variables alone.
+        model = models.get(args.model)
+        params = jax.eval_shape(lambda key: models.init_params(args.model, key), jax.random.key(0))
+        channels = model.layer_channels(params)
+    else:
+        try:
+            model, params = zoo.load(args.model, args.params)
+            channels = model.layer_channels(params)
+        except (flax.errors.FlaxError, params_io.ParamsFileError) as err:
+            raise ValueError(f"{args.params} does not hold {args.model} params: {err}") from None
     width = max(map(len, model.layers))
-    for layer, n in zip(model.layers, channels):
-        print(f"{layer:<{width}}  {n} channels")
+    for layer, n in channels.items():
+        named = " (named: --channels takes their names)" if model.names_of(layer) else ""
+        print(f"{layer:<{width}}  {n} channels{named}")
     return 0
 
 
@@ -211,7 +224,9 @@ def _add_maximize(sub) -> None:
     p.add_argument("--weights", help="params file made by `kv3d convert`, or the checkpoint itself "
                    f"(not needed for {DEFAULT_MODEL})")
     p.add_argument("--layer", required=True, help="layer to tap; `kv3d layers MODEL` lists them")
-    p.add_argument("--channels", default="all", help="'all' (default), a range '0-15' or a list '3,7,9'")
+    p.add_argument("--channels", default="all", help="'all' (default), a range '0-15' or a list '3,7,9'; "
+                   "channels with names (inception_i3d's Logits: Kinetics classes) also by name, "
+                   "'playing cricket,juggling balls'")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="paper", help=f"one of: {', '.join(PRESETS)} (default paper)")
     p.add_argument("--steps", type=_at_least(1), help="optimisation steps (default: the preset's)")
@@ -239,7 +254,8 @@ def _run_maximize(args) -> int:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     model, params = _load(args.model, args.weights)
     model.check_layer(args.layer)
-    channels = pipeline.parse_channels(args.channels, model.num_channels(params, args.layer), args.layer)
+    channels = pipeline.parse_channels(args.channels, model.num_channels(params, args.layer), args.layer,
+                                       model.names_of(args.layer))
     bar = None
 
     def show(done, total, objective):
@@ -467,7 +483,9 @@ def _add_visualize(sub) -> None:
     which.add_argument("--layer", action="append", help="a layer to visualise (repeatable); "
                        "`kv3d layers MODEL` lists them")
     which.add_argument("--layers", choices=("all",), help="all: every layer of the model")
-    p.add_argument("--channels", default="all", help="'all' (default), a range '0-15' or a list '3,7,9'")
+    p.add_argument("--channels", default="all", help="'all' (default), a range '0-15' or a list '3,7,9'; "
+                   "channels with names (inception_i3d's Logits: Kinetics classes) also by name, "
+                   "'playing cricket,juggling balls'")
     p.add_argument("--out", default=job["out"], help=f"run folder (default {job['out']}); "
                    "rerun with the same settings to resume")
     p.add_argument("--preset", choices=tuple(PRESETS), help=f"stage-1 preset (default {job['preset']} for "

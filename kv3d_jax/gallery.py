@@ -64,6 +64,7 @@ class KernelView:
       dead: the optimisation did not clearly beat random videos, or never activated the kernel.
       aliased: the speed cannot be told from its temporal alias (``speed`` is then NaN).
       failed: 0, or the stage (1, 2, 3) whose result turned non-finite.
+      name: the channel's name (a classifier's class, ``VideoModel.names_of``), or ``""``.
     """
 
     channel: int
@@ -77,6 +78,7 @@ class KernelView:
     dead: bool = False
     aliased: bool = False
     failed: int = 0
+    name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +113,9 @@ def save_figure(fig: Figure, path) -> Path:
     return path
 
 
-def contact_sheet(statics, channels: Sequence[int], title: str) -> Figure:
-    """A grid of ``statics`` ``(K, H, W, 3)`` in [0, 1] (clipped), each titled with its channel."""
+def contact_sheet(statics, channels: Sequence[int], title: str, names: Sequence[str] = ()) -> Figure:
+    """A grid of ``statics`` ``(K, H, W, 3)`` in [0, 1] (clipped), each titled with its channel and,
+    given ``names`` (one per static), its name."""
     statics = np.clip(np.asarray(statics, np.float32), 0.0, 1.0)
     k = len(statics)
     if k == 0 or len(channels) != k:
@@ -127,7 +130,8 @@ def contact_sheet(statics, channels: Sequence[int], title: str) -> Figure:
         ax.set_axis_off()
         if i < k:
             ax.imshow(statics[i], interpolation="nearest")
-            ax.set_title(str(channels[i]), fontsize=7, pad=2)
+            ax.set_title(f"{channels[i]} {names[i]}" if names else str(channels[i]), fontsize=7 if not names else 5,
+                         pad=2)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.45 / fig.get_figheight(),
                         wspace=0.1, hspace=0.3)
     return fig
@@ -359,7 +363,8 @@ def _kernel_card(view: KernelView) -> str:
     speed = "speed ambiguous (aliased)" if view.aliased else f"{_number(view.speed)} px/frame"
     return (
         f'<article class="{classes}" id="channel-{view.channel}" {data}>'
-        f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>{_badges(view)}'
+        f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
+        f'{f"<b>{html.escape(view.name)}</b>" if view.name else ""}{_badges(view)}'
         f"{_arrow(view.direction_deg)}<span>{_number(view.direction_deg, 4)}°</span>"
         f"<span>{speed}</span><span>{_number(view.psnr)} dB</span>"
         f"<span>objective {_number(view.objective)}</span>{links}</div></article>"

@@ -17,6 +17,7 @@ a resumed sweep computes exactly the kernels that have no file yet.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import zlib
 from pathlib import Path
@@ -141,10 +142,12 @@ def job_layers(model, layers: Sequence[str] | None, every: bool = False) -> tupl
                      f"{DEFAULT_JOB['model']}); valid layers are: {', '.join(model.layers)}")
 
 
-def parse_channels(spec: str, num_channels: int, layer: str = "the layer") -> list[int]:
+def parse_channels(spec: str, num_channels: int, layer: str = "the layer", names: Sequence[str] = ()) -> list[int]:
     """The channels ``spec`` names, each once, in the order first named: ``"all"``, a range ``"0-15"``,
     a list ``"3,7,9"`` or a mix such as ``"0-3,8"``; every one must be below ``num_channels``
-    (``layer`` names the layer in errors).
+    (``layer`` names the layer in errors). With ``names`` (the layer's channel names,
+    ``VideoModel.names_of``), an item may also be a channel's name (``"playing cricket"``); an
+    unknown one is an error listing the closest names.
 
     Bounds are checked before a range is expanded, so the result never holds more than
     ``num_channels`` entries whatever ``spec`` says.
@@ -155,6 +158,9 @@ def parse_channels(spec: str, num_channels: int, layer: str = "the layer") -> li
     channels: dict[int, None] = {}
     for part in spec.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match and names:
+            channels[_named_channel(part.strip(), names, layer)] = None
+            continue
         if not match:
             raise ValueError(f"cannot read channels {spec!r}; write e.g. 'all', '0-15' or '3,7,9'")
         lo, hi = (int(n) if len(n) <= 18 else num_channels for n in (match[1], match[2] or match[1]))
@@ -164,6 +170,15 @@ def parse_channels(spec: str, num_channels: int, layer: str = "the layer") -> li
             raise ValueError(f"{layer} has channels 0..{num_channels - 1}; got {part.strip()!r}")
         channels.update(dict.fromkeys(range(lo, hi + 1)))
     return list(channels)
+
+
+def _named_channel(name: str, names: Sequence[str], layer: str) -> int:
+    """The index of channel ``name`` among ``names``, else a ValueError listing the closest names."""
+    if name in names:
+        return list(names).index(name)
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f"closest: {', '.join(map(repr, close))}" if close else "write e.g. '0-15' or a name such as " + repr(names[0])
+    raise ValueError(f"{layer} has no channel named {name!r}; {hint}")
 
 
 def video_shape(model, settings: Settings) -> tuple[int, int, int]:
@@ -347,6 +362,7 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
     done = sorted(store.audit(layer, schema).done)
     records = {c: store.read(layer, c, schema) for c in done}
     folder = out / layer
+    labels = model.names_of(layer)
     kernels = []
     for c, r in records.items():
         names = media_names(model.name, layer, c)
@@ -359,13 +375,14 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
             speed=float(r["speed"]), psnr=float(r["psnr"]),
             media={kind: f"{layer}/{name}" for kind, name in names.items()},
             reliability=float(r["reliability"]), reliable=bool(r["reliable"]), dead=bool(r["dead"]),
-            aliased=bool(r["aliased"]), failed=int(r["failed"]),
+            aliased=bool(r["aliased"]), failed=int(r["failed"]), name=labels[c] if labels else "",
         ))
     title = f"{model.name} {layer}"
     figures = {}
     if records:
         sheet = gallery.save_figure(
-            gallery.contact_sheet([r["static"] for r in records.values()], done, f"{title}: static textures"),
+            gallery.contact_sheet([r["static"] for r in records.values()], done, f"{title}: static textures",
+                                  [labels[c] for c in done] if labels else ()),
             folder / f"{model.name}_{layer}_statics.png")
         hist = gallery.save_figure(
             gallery.motion_histogram([r["direction_deg"] for r in records.values()],
@@ -405,7 +422,8 @@ def visualize(model, params, layers: Sequence[str], channels: str, out, settings
     if settings.model != model.name:
         raise ValueError(f"settings are for model {settings.model}, not {model.name}")
     layers = [model.check_layer(layer) for layer in layers]
-    wanted = {layer: parse_channels(channels, model.num_channels(params, layer), layer) for layer in layers}
+    wanted = {layer: parse_channels(channels, model.num_channels(params, layer), layer, model.names_of(layer))
+              for layer in layers}
     out = Path(out)
     with Store.open(out, run_config(model, settings), params_checksum(params)) as store:
         for note in store.notes:

@@ -43,7 +43,7 @@ def check_params(name: str, params: Params, config: Mapping[str, Any] | None = N
     return params
 
 
-def load(name: str, weights=None) -> tuple[VideoModel, Params]:
+def load(name: str, weights=None, config: Mapping[str, Any] | None = None) -> tuple[VideoModel, Params]:
     """Model ``name`` and its params.
 
     Args:
@@ -52,6 +52,8 @@ def load(name: str, weights=None) -> tuple[VideoModel, Params]:
         ``torch.save`` or Caffe2 pickle, told apart by its bytes), or of a params file
         written by :func:`kv3d_jax.params_io.save`; None for the checkpoint that ships with
         the package (only models registered with ``embedded`` weights have one).
+      config: hyper-parameters a checkpoint does not record (inception_i3d's ``bn_eps`` 1e-5 for
+        FVD's copy of piergiaj's weights); a params file records its own, so none may be given with one.
 
     Returns:
       ``(model, params)``: the model built with the config the weights describe, its params
@@ -68,9 +70,12 @@ def load(name: str, weights=None) -> tuple[VideoModel, Params]:
         converters.checkpoint_format(path)
     except NotACheckpointError:
         stored = params_io.read(path)
+        if config:
+            raise ValueError(f"{path} is a params file, which records its model's config "
+                             f"{stored.config}; convert the checkpoint again to change it")
         if stored.model is not None and stored.model != name:
             raise ValueError(f"{path} holds params of {stored.model}, not {name}") from None
         params, config = check_params(name, stored.params, stored.config), stored.config
     else:
-        params, config = converters.convert(name, path)
+        params, config = converters.convert(name, path, dict(config or {}))
     return models.get(name, config), params

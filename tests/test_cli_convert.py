@@ -25,9 +25,10 @@ def test_convert_reports_format_tensor_and_parameter_counts(torch_c3d, c3d_param
     assert f"{len(conv)} tensors, {sum(p.numel() for p in conv):,} parameters -> {path}" in stdout
 
 
-def test_layers_prints_the_conv_layer_names(capsys):
+def test_layers_prints_the_conv_layers_with_their_channel_counts(torch_c3d, capsys):
     assert main(["layers", "c3d"]) == 0
-    assert capsys.readouterr().out.split() == list(CONV_LAYERS)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows == [[name, str(torch_c3d.get_submodule(name).out_channels), "channels"] for name in CONV_LAYERS]
 
 
 def test_layers_with_params_prints_channel_counts(torch_c3d, c3d_params_files, capsys):

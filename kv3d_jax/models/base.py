@@ -101,6 +101,18 @@ class VideoModel:
         out = jax.eval_shape(lambda p, v: self.features(p, v, layer), params, video)
         return tuple(out.shape[1:])
 
+    def layer_channels(self, params: Params) -> dict[str, int]:
+        """Number of channels of every layer, without computing them: in one trace where ``apply``
+        takes a sequence of layers (the models built on ``run_until``), else layer by layer."""
+        least = [shape for _, shape in self.min_input_shape]
+        t, h, w = (max(sizes) for sizes in zip(self.input_shape, *least))
+        video = jax.ShapeDtypeStruct((1, t, h, w, 3), jnp.float32)
+        try:
+            out = jax.eval_shape(lambda p, v: self.apply(p, v, self.layers), params, video)
+        except ValueError:  # an apply that reads one layer per call
+            return {layer: self.num_channels(params, layer) for layer in self.layers}
+        return {layer: out[layer].shape[-1] for layer in self.layers}
+
     def num_channels(self, params: Params, layer: str) -> int:
         """Number of channels (kernels) of ``layer``."""
         return self.output_shape(params, layer)[-1]

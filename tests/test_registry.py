@@ -52,7 +52,7 @@ def test_every_model_has_one_entry_with_a_converter(name):
     assert model.name == name
     shapes = jax.eval_shape(lambda key: models.init_params(name, key), jax.random.key(0))
     assert model.num_channels(shapes, model.layers[0]) >= 1
-    assert (entry.embedded is not None) == (name == "motionnet")
+    assert (entry.embedded is not None) == (name in ("motionnet", "inception_i3d"))
 
 
 def test_names_and_formats_come_from_the_registry():

@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 from converters.checkpoint import CheckpointError, checkpoint_format, read_checkpoint
-from converters.common import CheckpointMismatchError
+from converters.common import CheckpointMismatchError, check_weights
 from kv3d_jax import models
 
 
@@ -37,12 +37,15 @@ def formats() -> dict[str, str]:
 def convert(model_name: str, path) -> tuple[dict, dict]:
     """``(params, config)`` of model ``model_name`` read from checkpoint file ``path`` (format
     auto-detected): Flax variables of numpy arrays, and the architecture the checkpoint describes
-    as keywords of ``kv3d_jax.models.get(model_name, config)`` (empty for one-architecture models)."""
+    as keywords of ``kv3d_jax.models.get(model_name, config)`` (empty for one-architecture models).
+    The params pass :func:`converters.common.check_weights` (real, finite in float32, variances >= 0)."""
     found = converter(model_name)
     checkpoint = read_checkpoint(path)
     try:
         config = found.config(checkpoint) if hasattr(found, "config") else {}
-        return found.convert(checkpoint), config
+        params = found.convert(checkpoint)
+        check_weights(params, model_name)
+        return params, config
     except CheckpointError as err:
         raise type(err)(f"{path}: {err}") from None
 

@@ -32,7 +32,7 @@ from kv3d_jax.maximization import PRESETS, maximize
 from kv3d_jax.motion import motion_summary
 from kv3d_jax.progress import ProgressBar
 from kv3d_jax.refinement import DEFAULT_STEPS as REFINE_STEPS, MOTIONS, Config as RefineConfig
-from kv3d_jax.untrusted import escape, output_path, quote, regular_file
+from kv3d_jax.untrusted import escape, output_path, printable, quote, regular_file
 
 # The rule for --model in every subcommand that takes it: the model whose weights ship with kv3d.
 DEFAULT_MODEL = pipeline.DEFAULT_JOB["model"]
@@ -58,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line, ``{prog}: error: {message}``, exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {escape(message, 500)}\n")
+        self.exit(2, f"{self.prog}: error: {printable(message, 500)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +85,7 @@ def _one_line(err: BaseException) -> str:
         text = str(err) or type(err).__name__
     else:
         text = f"kv3d failed unexpectedly ({type(err).__name__}: {err}); please report this"
-    return escape(" ".join(line.strip() for line in text.splitlines() if line.strip()), 2000)
+    return printable(" ".join(line.strip() for line in text.splitlines() if line.strip()), 2000)
 
 
 def _cache_compiled_programs() -> None:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                                          OverflowError)) else 1
     for warning in caught:
         message = " ".join(str(warning.message).split())
-        print(f"kv3d {args.command}: warning: {escape(message, 1000)}", file=sys.stderr)
+        print(f"kv3d {args.command}: warning: {printable(message, 1000)}", file=sys.stderr)
     return status
 
 

@@ -25,6 +25,14 @@ def escape(text: str, limit: int = 1000) -> str:
     return ascii(cut)[1:-1].replace("\\'", "'") + ("..." if len(text) > limit else "")
 
 
+def printable(text: str, limit: int = 2000) -> str:
+    """``text`` cut to ``limit`` characters with every character that is not printable (controls, line
+    and paragraph separators, format characters) written as its escape; backslashes and other
+    printable characters are left as they are, so text already escaped is not escaped again."""
+    cut = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit])
+    return cut + ("..." if len(text) > limit else "")
+
+
 def quote(value, limit: int = QUOTE_LIMIT) -> str:
     """A short, one-line, escaped text for ``value`` from an input, at most about ``limit`` characters.
 
@@ -33,7 +41,9 @@ def quote(value, limit: int = QUOTE_LIMIT) -> str:
     of such values shown item by item; any other object described by its type.
     """
     text = _render(value, limit)
-    return text if len(text) <= limit + 3 else text[:limit] + "..."
+    if isinstance(value, str) or len(text) <= limit + 3:
+        return text
+    return text[:limit] + "..."
 
 
 def _render(value, limit: int) -> str:

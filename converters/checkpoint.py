@@ -37,7 +37,9 @@ Every size is checked before the work it would cost (:class:`CheckpointLimitErro
   at most :data:`MAX_NESTING` containers deep, holds no container inside itself, and does
   not expand through shared references (the pickle memo) to more than
   :data:`MAX_EXPANDED_OBJECTS` objects — a few hundred bytes can otherwise stand for an
-  exponential tree; kv3d resolves each shared object once;
+  exponential tree; kv3d resolves each shared object once, and the items that calls and states
+  copy from shared objects (``OrderedDict(pairs)``, a Namespace's state) count against the same
+  limit;
 - nothing may follow the end of a checkpoint (a pickle's STOP, a legacy file's last storage);
 - every storage a tensor claims must be in the file with exactly its bytes (a zip member's
   declared size, a legacy file's remaining bytes), every tensor must lie inside its storage
@@ -105,6 +107,8 @@ _MAX_INDEX = 2**63
 # Dict and set keys: integers of at most this many bits, tuples of at most this many items.
 _MAX_KEY_BITS = 64
 _MAX_KEY_ITEMS = 32
+# The longest module or name of a global a pickle may name.
+_MAX_GLOBAL_NAME = 200
 # Bytes a pickle may build beyond MAX_VIEW_FACTOR times its own size (small files' arrays).
 _BUILT_BYTES_SLACK = 1 << 20
 
@@ -318,6 +322,13 @@ class _Machine:
         self._counts = counts
         self._built_limit = MAX_VIEW_FACTOR * reader.size() + _BUILT_BYTES_SLACK
 
+    def charge(self, items: int) -> None:
+        """Counts ``items`` copied by a call or state the pickle can repeat on shared (memo) objects,
+        refusing past :data:`MAX_EXPANDED_OBJECTS` in all: such work is not bounded by the opcodes."""
+        self._counts["items"] += items
+        if self._counts["items"] > MAX_EXPANDED_OBJECTS:
+            raise _limit(f"its calls and states copy more than {MAX_EXPANDED_OBJECTS:,} items in all")
+
     def spend(self, nbytes: int) -> None:
         """Counts ``nbytes`` built from the pickle's data, refusing past the pickle's share."""
         self._counts["built_bytes"] += nbytes
@@ -387,6 +398,7 @@ class _Machine:
                 raise _corrupt(f"a numpy {obj.code} dtype has the state {_short(state)}")
             obj.byteorder = state[1]
         elif isinstance(obj, _Namespace) and isinstance(state, dict):
+            self.charge(len(state))
             obj.update(state)
         elif type(obj) is collections.OrderedDict and isinstance(state, dict):
             pass  # a state dict's _metadata (module versions): not weights, dropped
@@ -429,6 +441,7 @@ class _Machine:
         items = [] if items is None else items
         if not isinstance(items, list):
             raise _corrupt("OrderedDict is called with something other than a list of pairs")
+        self.charge(len(items))
         result = collections.OrderedDict()
         for pair in items:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
@@ -695,6 +708,9 @@ def _stack_global(machine, stack, marks, memo, arg):
 
 
 def _find_global(module: str, name: str):
+    if len(module) > _MAX_GLOBAL_NAME or len(name) > _MAX_GLOBAL_NAME:
+        raise _Refusal(UnsafeCheckpointError, f"refers to a global named {_text(module, 60)}.{_text(name, 60)}, "
+                       f"longer than any kv3d reads ({_MAX_GLOBAL_NAME} characters)")
     qualified = f"{module}.{name}"
     if qualified in _STORAGE_TYPES:
         return _STORAGE_TYPES[qualified]
@@ -923,7 +939,7 @@ def _load(reader, persistent, budget: list[int], counts: dict) -> Any:
 
 
 def _new_budget() -> tuple[list[int], dict]:
-    return [MAX_PICKLE_OPCODES], {"view_elements": 0, "built_bytes": 0}
+    return [MAX_PICKLE_OPCODES], {"view_elements": 0, "built_bytes": 0, "items": 0}
 
 
 def _check_members(archive: zipfile.ZipFile, file_size: int) -> None:
@@ -1141,8 +1157,8 @@ def _resolve(obj, arrays: dict[str, np.ndarray]):
             return value.value
         if isinstance(value, _Tensor):
             return _tensor(value, arrays)
-        if isinstance(value, _Storage):
-            return _storage(value, arrays).copy()
+        if isinstance(value, _Storage):  # a view of its root's buffer: many views cost no copies
+            return _storage(value, arrays)
         if isinstance(value, dict):
             kind = collections.OrderedDict if isinstance(value, collections.OrderedDict) else dict
             return kind((k, visit(v)) for k, v in value.items())

@@ -326,8 +326,6 @@ def _add_tuning(sub) -> None:
 
 def _run_tuning(args) -> int:
     out = _output_folder(args.out)
-    model, params = _load(args.model, args.weights)
-    model.check_layer(args.layer)
     if args.directions > MAX_DIRECTIONS or args.directions % 2:
         raise ValueError(f"--directions must be even, from 2 to {MAX_DIRECTIONS}, so each has its opposite, got "
                          f"{args.directions}")
@@ -341,6 +339,8 @@ def _run_tuning(args) -> int:
     if gratings > MAX_GRATINGS:
         raise ValueError(f"{gratings:,} gratings (directions x --sf x --tf x phases) are more than the "
                          f"{MAX_GRATINGS:,} kv3d tuning shows; use fewer")
+    model, params = _load(args.model, args.weights)
+    model.check_layer(args.layer)
     directions = np.arange(args.directions) * 360.0 / args.directions
     responses = tuning.grating_responses(
         model, params, args.layer, directions, args.sf, args.tf, num_phases=args.phases

@@ -241,6 +241,27 @@ def int_shape(folder):
             "an array's shape a tuple is not a tuple of at most 32 integers")
 
 
+def ordered_dict_repeat(folder):
+    """OrderedDict called 70,000 times on one memoised list of 200,000 pairs: 1.4e10 items copied."""
+    pickled = (b"\x80\x02ccollections\nOrderedDict\nq\x00" + b"X\x01\x00\x00\x00aK\x01\x86q\x010"
+               + b"](" + b"h\x01" * 200_000 + b"e\x85q\x020" + b"h\x00h\x02R0" * 70_000 + b"N.")
+    ckpt = folder / "w.pkl"
+    ckpt.write_bytes(pickled)
+    return (["convert", "motionnet", ckpt, "-o", folder / "out" / "p.msgpack"],
+            "its calls and states copy more than 5,000,000 items in all")
+
+
+def namespace_state_repeat(folder):
+    """One Namespace given the same 100,000-entry state 140,000 times."""
+    keys = b"".join(b"X" + struct.pack("<I", len(k)) + k + b"K\x01" for k in (b"k%d" % i for i in range(100_000)))
+    pickled = (b"\x80\x02cargparse\nNamespace\n)\x81" + b"}q\x01(" + keys + b"u0"
+               + b"h\x01b" * 140_000 + b".")
+    ckpt = folder / "w.pkl"
+    ckpt.write_bytes(pickled)
+    return (["convert", "motionnet", ckpt, "-o", folder / "out" / "p.msgpack"],
+            "its calls and states copy more than 5,000,000 items in all")
+
+
 def long_gif(folder):
     """300,000 frames of 2x2 pixels in 4.5 MB: inside the pixel budget, minutes of decoding."""
     buffer = io.BytesIO()
@@ -396,6 +417,7 @@ CASES = {
     "float64-overflow": float64_overflow, "negative-variance-ckpt": negative_variance_ckpt,
     "nan-params": nan_params_file, "complex-params": complex_params_file, "integer-params": integer_params_file,
     "negative-variance-params": negative_variance_params_file,
+    "ordered-dict-repeat": ordered_dict_repeat, "namespace-state-repeat": namespace_state_repeat,
     "int-key-flood": int_key_flood, "int-shape": int_shape, "long-gif": long_gif,
     "fifo-gif": fifo_gif, "fifo-checkpoint": fifo_checkpoint, "fifo-params": fifo_params,
     "tuning-directions": tuning_directions, "memory-budget-inf": memory_budget_inf,

@@ -74,7 +74,8 @@ def load(name: str, weights=None) -> tuple[VideoModel, Params]:
     except NotACheckpointError:
         stored = params_io.read(path)
         if stored.model is not None and stored.model != name:
-            raise ValueError(f"{path} holds params of {quote(stored.model)}, not {name}") from None
+            other = stored.model if stored.model in models.names() else quote(stored.model)
+            raise ValueError(f"{path} holds params of {other}, not {name}") from None
         params, config = check_params(name, stored.params, stored.config), stored.config
     else:
         params, config = converters.convert(name, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import math
 import mmap
 import struct
@@ -43,6 +44,7 @@ _MODEL_HELP = (f"model name (default {DEFAULT_MODEL}, whose weights ship with kv
 MAX_VIDEO_PIXELS = 2**22
 MAX_VIDEO_FRAMES = 1024
 MAX_TOTAL_PIXELS = 2**24
+MAX_GIFS = 4096
 # GIF data blocks `kv3d decompose` walks through to count a GIF's frames (Pillow writes 255-byte
 # blocks: a GIF inside the pixel budget has a few tens of thousands).
 _MAX_GIF_BLOCKS = 2**20
@@ -84,7 +86,7 @@ def _one_line(err: BaseException) -> str:
     elif isinstance(err, (ValueError, OSError, zipfile.BadZipFile)):
         text = str(err) or type(err).__name__
     else:
-        text = f"kv3d failed unexpectedly ({type(err).__name__}: {err}); please report this"
+        text = f"kv3d failed unexpectedly ({err or 'no message'}); please report this"
     return printable(" ".join(line.strip() for line in text.splitlines() if line.strip()), 2000)
 
 
@@ -332,8 +334,8 @@ def _run_tuning(args) -> int:
     if args.phases > MAX_PHASES:
         raise ValueError(f"--phases must be from 1 to {MAX_PHASES}, got {args.phases}")
     for flag, values in (("--sf", args.sf), ("--tf", args.tf)):
-        if not all(math.isfinite(v) and 0 <= v <= 1 for v in values):
-            raise ValueError(f"{flag} takes frequencies from 0 to 1 cycles per px or frame, got "
+        if not all(math.isfinite(v) and -1 <= v <= 1 for v in values):
+            raise ValueError(f"{flag} takes frequencies from -1 to 1 cycles per px or frame, got "
                              f"{quote(list(values))}")
     gratings = args.directions * len(args.sf) * len(args.tf) * args.phases
     if gratings > MAX_GRATINGS:
@@ -556,7 +558,10 @@ def _decompose_inputs(path: str) -> list[tuple[str, np.ndarray]]:
     if source.suffix == ".npz":
         return _read_stage1(regular_file(source))
     if source.is_dir():
-        gifs = sorted(p for p in source.glob("*.gif") if not p.stem.endswith(_OUTPUT_KINDS))
+        found = (p for p in source.glob("*.gif") if not p.stem.endswith(_OUTPUT_KINDS))
+        gifs = sorted(itertools.islice(found, MAX_GIFS + 1))
+        if len(gifs) > MAX_GIFS:
+            raise ValueError(f"{path} holds more than {MAX_GIFS:,} GIFs; decompose fewer at a time")
         if not gifs:
             raise ValueError(f"{path} holds no GIFs to decompose (outputs of `kv3d decompose` are skipped)")
     elif source.suffix.lower() == ".gif":
@@ -592,6 +597,9 @@ def _add_decompose(sub) -> None:
 def _run_decompose(args) -> int:
     out = _output_folder(args.out)
     inputs = _decompose_inputs(args.source)
+    for stem, _ in inputs:  # every name is checked before any work
+        for kind in writers.DECOMPOSITION_FILES:
+            output_path(out, f"{stem}_{kind}.{'png' if kind == 'static' else 'gif'}")
     groups: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for stem, video in inputs:
         groups.setdefault(video.shape, []).append((stem, video))
@@ -669,9 +677,9 @@ def _run_visualize(args) -> int:
     if not args.layer and args.layers is None and settings.model != pipeline.DEFAULT_JOB["model"]:
         raise ValueError(f"choose layers of {settings.model} with --layer L (repeatable) or --layers all; "
                          f"valid layers are: {', '.join(models.get(settings.model).layers)}")
-    if args.memory_budget is not None and not 0 < args.memory_budget <= _MAX_MEMORY_GIB:
-        raise ValueError(f"--memory-budget must be a positive, finite number of GiB (at most {_MAX_MEMORY_GIB:,.0f}), "
-                         f"got {args.memory_budget}")
+    if args.memory_budget is not None and not 2.0**-10 <= args.memory_budget <= _MAX_MEMORY_GIB:
+        raise ValueError(f"--memory-budget must be a positive, finite number of GiB, from 1/1024 (1 MiB) to "
+                         f"{_MAX_MEMORY_GIB:,.0f}, got {args.memory_budget}")
     budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
     out = _output_folder(args.out)
     model, params = _load(settings.model, args.weights)

@@ -273,6 +273,32 @@ def long_gif(folder):
     return ["decompose", gif, "--out", _out(folder), "--steps", "0"], "holds 1,025 frames, more than the 1,024"
 
 
+def _small_gif() -> bytes:
+    buffer = io.BytesIO()
+    frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def gif_name_with_newline(folder):
+    """A GIF whose file name holds a newline: refused before any decomposition, not when writing."""
+    source = folder / "gifs"
+    source.mkdir()
+    (source / "fine.gif").write_bytes(_small_gif())
+    (source / "bad\nname.gif").write_bytes(_small_gif())
+    return (["decompose", source, "--out", _out(folder), "--steps", "0"],
+            r"will not write a file named 'bad\\nname_stage1.gif'")
+
+
+def many_gifs(folder):
+    source = folder / "gifs"
+    source.mkdir()
+    data = _small_gif()
+    for i in range(4097):
+        (source / f"{i}.gif").write_bytes(data)
+    return ["decompose", source, "--out", _out(folder), "--steps", "0"], "holds more than 4,096 GIFs"
+
+
 def fifo_gif(folder):
     """A named pipe called x.gif: opening it for reading blocks forever."""
     os.mkfifo(folder / "x.gif")
@@ -419,7 +445,7 @@ CASES = {
     "negative-variance-params": negative_variance_params_file,
     "ordered-dict-repeat": ordered_dict_repeat, "namespace-state-repeat": namespace_state_repeat,
     "int-key-flood": int_key_flood, "int-shape": int_shape, "long-gif": long_gif,
-    "fifo-gif": fifo_gif, "fifo-checkpoint": fifo_checkpoint, "fifo-params": fifo_params,
+    "gif-name-with-newline": gif_name_with_newline, "many-gifs": many_gifs, "fifo-gif": fifo_gif, "fifo-checkpoint": fifo_checkpoint, "fifo-params": fifo_params,
     "tuning-directions": tuning_directions, "memory-budget-inf": memory_budget_inf,
     "small-member-total": small_member_total, "shared-buffer": shared_buffer, "huge-key-message": huge_key_message,
     "msgpack-map-flood": msgpack_map_flood, "npz-huge-name-member": npz_huge_name_member,

@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 from converters.checkpoint import CheckpointError, checkpoint_format, read_checkpoint
-from converters.common import CheckpointMismatchError
+from converters.common import CheckpointMismatchError, check_weights
 from kv3d_jax import models
 
 
@@ -41,12 +41,14 @@ def convert(model_name: str, path, config: dict | None = None) -> tuple[dict, di
 
     ``config``: hyper-parameters the file does not record, e.g. inception_i3d's ``bn_eps`` for FVD's
     copy; they override the converter's and must be ones the model is built with (else a ValueError).
+    The params pass :func:`converters.common.check_weights` (real, finite in float32, variances >= 0).
     """
     found = converter(model_name)
     checkpoint = read_checkpoint(path)
     try:
         described = found.config(checkpoint) if hasattr(found, "config") else {}
         params = found.convert(checkpoint)
+        check_weights(params, model_name)
     except CheckpointError as err:
         raise type(err)(f"{path}: {err}") from None
     if config:

@@ -37,15 +37,28 @@ Every size is checked before the work it would cost (:class:`CheckpointLimitErro
   at most :data:`MAX_NESTING` containers deep, holds no container inside itself, and does
   not expand through shared references (the pickle memo) to more than
   :data:`MAX_EXPANDED_OBJECTS` objects — a few hundred bytes can otherwise stand for an
-  exponential tree; kv3d resolves each shared object once;
+  exponential tree; kv3d resolves each shared object once, and the items that calls and states
+  copy from shared objects (``OrderedDict(pairs)``, a Namespace's state) count against the same
+  limit;
 - nothing may follow the end of a checkpoint (a pickle's STOP, a legacy file's last storage);
 - every storage a tensor claims must be in the file with exactly its bytes (a zip member's
   declared size, a legacy file's remaining bytes), every tensor must lie inside its storage
   and hold no more elements than it (no zero-stride expansion), and all tensors together at
   most :data:`MAX_VIEW_FACTOR` times the stored elements;
 - zip members must be stored or deflated, unencrypted, and inflate to at most
-  :data:`MAX_INFLATION` times their compressed size; their declared sizes are checked
-  before any member is read, and no read goes past them.
+  :data:`MAX_INFLATION` times their compressed size (members of at most 1 MiB may inflate
+  more, but all members together to at most :data:`MAX_INFLATION` times the file's size plus
+  1 MiB); their declared sizes are checked before any member is read, and no read goes past them;
+- the bytes a pickle builds from its own data (numpy arrays, ``_codecs.encode`` results) add up
+  to at most :data:`MAX_VIEW_FACTOR` times the pickle's size plus 1 MiB, counting every copy of
+  a shared buffer;
+- integers used as shapes, strides, offsets or element counts are below 2^63, and dict and set
+  keys are strings, bytes, floats, None, integers of at most 64 bits or tuples of at most 32 of
+  them, so that no key costs more to hash than to read.
+
+Errors quote at most a short, escaped prefix of any value from the file
+(:func:`kv3d_jax.untrusted.quote`), and a file that is not a regular file (a pipe, a device) is
+refused before it is opened.
 """
 
 from __future__ import annotations
@@ -63,6 +76,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kv3d_jax.untrusted import quote, regular_file
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -87,6 +102,15 @@ MAX_INFLATION = 16
 # Members this small are never a threat, whatever their compression ratio.
 _SMALL_MEMBER = 1 << 20
 _MAX_NDIM = 32
+# Shapes, strides, offsets and element counts are checked below this before any arithmetic on them.
+_MAX_INDEX = 2**63
+# Dict and set keys: integers of at most this many bits, tuples of at most this many items.
+_MAX_KEY_BITS = 64
+_MAX_KEY_ITEMS = 32
+# The longest module or name of a global a pickle may name.
+_MAX_GLOBAL_NAME = 200
+# Bytes a pickle may build beyond MAX_VIEW_FACTOR times its own size (small files' arrays).
+_BUILT_BYTES_SLACK = 1 << 20
 
 _SUPPORTED_DTYPES = "bool, int8/16/32/64, uint8/16/32/64, float16, bfloat16, float32 and float64"
 
@@ -265,7 +289,7 @@ _ATOMS = _HASHABLE + (np.ndarray, np.generic)
 
 def _ints(value, what: str, minimum: int = 0) -> tuple[int, ...]:
     if not isinstance(value, tuple) or len(value) > _MAX_NDIM or not all(
-            type(v) is int and v >= minimum for v in value):
+            type(v) is int and minimum <= v < _MAX_INDEX for v in value):
         raise _corrupt(f"{what} {_short(value)} is not a tuple of at most {_MAX_NDIM} integers >= {minimum}")
     return value
 
@@ -277,10 +301,8 @@ def _text(text: str, limit: int = 100) -> str:
 
 def _short(value) -> str:
     if isinstance(value, (str, bytes, int, float, bool, type(None))):
-        text = repr(value)
-    else:
-        text = f"a {type(value).__name__.lstrip('_')}"
-    return text if len(text) <= 60 else text[:57] + "..."
+        return quote(value, 57)
+    return f"a {type(value).__name__.lstrip('_')}"
 
 
 class _Machine:
@@ -289,7 +311,8 @@ class _Machine:
     ``reader`` has ``read(n)``, ``readline()`` and ``tell()``; ``persistent(pid)`` resolves
     a torch storage reference (None: the pickle may hold none); ``budget`` is a one-element
     list of opcodes left, shared by the pickles of one file; ``counts["view_elements"]``
-    adds up the elements of the tensors built.
+    adds up the elements of the tensors built, ``counts["built_bytes"]`` the bytes of the arrays
+    and byte strings built from the pickle's data, every copy counted.
     """
 
     def __init__(self, reader, persistent, budget: list[int], counts: dict):
@@ -297,6 +320,22 @@ class _Machine:
         self._persistent = persistent
         self._budget = budget
         self._counts = counts
+        self._built_limit = MAX_VIEW_FACTOR * reader.size() + _BUILT_BYTES_SLACK
+
+    def charge(self, items: int) -> None:
+        """Counts ``items`` copied by a call or state the pickle can repeat on shared (memo) objects,
+        refusing past :data:`MAX_EXPANDED_OBJECTS` in all: such work is not bounded by the opcodes."""
+        self._counts["items"] += items
+        if self._counts["items"] > MAX_EXPANDED_OBJECTS:
+            raise _limit(f"its calls and states copy more than {MAX_EXPANDED_OBJECTS:,} items in all")
+
+    def spend(self, nbytes: int) -> None:
+        """Counts ``nbytes`` built from the pickle's data, refusing past the pickle's share."""
+        self._counts["built_bytes"] += nbytes
+        if self._counts["built_bytes"] > self._built_limit:
+            raise _limit(f"its arrays and byte strings add up to more than {self._built_limit:,} bytes, "
+                         f"{MAX_VIEW_FACTOR} times the pickle's size (a buffer shared by many arrays counts once "
+                         "for each)")
 
     def load(self) -> Any:
         stack: list = []
@@ -347,7 +386,7 @@ class _Machine:
 
     def build(self, obj, state) -> None:
         if isinstance(obj, _Array) and obj.value is None:
-            obj.value = _array_from_state(state)
+            obj.value = _array_from_state(state, self)
         elif isinstance(obj, _DType) and not obj.built:
             obj.built = True
             if not (isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "=")):
@@ -359,6 +398,7 @@ class _Machine:
                 raise _corrupt(f"a numpy {obj.code} dtype has the state {_short(state)}")
             obj.byteorder = state[1]
         elif isinstance(obj, _Namespace) and isinstance(state, dict):
+            self.charge(len(state))
             obj.update(state)
         elif type(obj) is collections.OrderedDict and isinstance(state, dict):
             pass  # a state dict's _metadata (module versions): not weights, dropped
@@ -371,7 +411,8 @@ class _Machine:
     def _call_tensor(self, storage=None, offset=None, shape=None, stride=None, *rest):
         if isinstance(storage, _Refused):
             return storage
-        if not (isinstance(storage, _Storage) and type(offset) is int and _autograd_state(rest)):
+        if not (isinstance(storage, _Storage) and type(offset) is int and offset < _MAX_INDEX
+                and _autograd_state(rest)):
             raise _corrupt("a tensor is rebuilt from something other than a storage, offset, shape, stride "
                            "and autograd flags")
         shape, stride = _ints(shape, "a tensor's shape"), _ints(stride, "a tensor's stride")
@@ -400,6 +441,7 @@ class _Machine:
         items = [] if items is None else items
         if not isinstance(items, list):
             raise _corrupt("OrderedDict is called with something other than a list of pairs")
+        self.charge(len(items))
         result = collections.OrderedDict()
         for pair in items:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
@@ -410,6 +452,7 @@ class _Machine:
     def _call_encode(self, text=None, encoding=None):
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
             raise _corrupt(f"_codecs.encode is called with encoding {_short(encoding)}")
+        self.spend(len(text))
         return text.encode("latin1")
 
     def _call_bytes(self, *args):
@@ -439,7 +482,7 @@ class _Machine:
         if numpy_dtype is None:
             return _Refused(UnsupportedTensorError, f"it is a numpy scalar of {dtype.describe()}; "
                                                     f"kv3d reads {_SUPPORTED_DTYPES} values only")
-        raw = _raw_bytes(raw)
+        raw = _raw_bytes(raw, self)
         if len(raw) != numpy_dtype.itemsize:
             raise _corrupt(f"a numpy {numpy_dtype} scalar has {len(raw)} bytes")
         return np.frombuffer(raw, numpy_dtype)[0]
@@ -447,7 +490,7 @@ class _Machine:
     def _call__frombuffer(self, raw=None, dtype=None, shape=None, order="C"):
         if order not in ("C", "F"):
             raise _corrupt(f"an array has order {_short(order)}")
-        return _array_from_state((shape, dtype, order == "F", raw))
+        return _array_from_state((shape, dtype, order == "F", raw), self)
 
 
 def _autograd_state(rest: tuple) -> bool:
@@ -457,23 +500,32 @@ def _autograd_state(rest: tuple) -> bool:
                         and (len(rest) == 2 or rest[2] is None or isinstance(rest[2], (dict, tuple))))
 
 
+def _atom_key(key) -> bool:
+    return isinstance(key, _HASHABLE) and not (isinstance(key, int) and key.bit_length() > _MAX_KEY_BITS)
+
+
 def _key(key):
-    """``key`` if it may key a dict: a string, number, bytes, None or a flat tuple of those."""
-    if isinstance(key, _HASHABLE) or (isinstance(key, tuple) and all(isinstance(k, _HASHABLE) for k in key)):
+    """``key`` if it may key a dict: a string, bytes, float, None, an integer of at most 64 bits or a
+    flat tuple of at most 32 of those (Python does not cache the hash of an integer or a tuple, so a
+    huge one used as a key many times would cost far more than its bytes)."""
+    if _atom_key(key) or (isinstance(key, tuple) and len(key) <= _MAX_KEY_ITEMS and all(map(_atom_key, key))):
         return key
-    raise _corrupt(f"a dict or set key is {_short(key)}")
+    raise _corrupt(f"a dict or set key is {_short(key)}; kv3d reads keys that are strings, numbers of at most "
+                   f"{_MAX_KEY_BITS} bits or short tuples of them")
 
 
-def _raw_bytes(raw) -> bytes:
+def _raw_bytes(raw, machine: _Machine) -> bytes:
     if isinstance(raw, str):  # a Python 2 str, read as latin-1
+        machine.spend(len(raw))
         return raw.encode("latin1")
     if isinstance(raw, bytes):
         return raw
     raise _corrupt(f"array data is {_short(raw)}, not bytes")
 
 
-def _array_from_state(state) -> np.ndarray | _Refused:
-    """The array of a numpy ``__setstate__`` state ``([version,] shape, dtype, is_fortran, data)``."""
+def _array_from_state(state, machine: _Machine) -> np.ndarray | _Refused:
+    """The array of a numpy ``__setstate__`` state ``([version,] shape, dtype, is_fortran, data)``;
+    its bytes are counted by ``machine.spend``."""
     if not (isinstance(state, tuple) and (len(state) == 4 or (len(state) == 5 and state[0] in (0, 1)))
             and type(state[-2]) in (int, bool)):
         raise _corrupt(f"a numpy array has the state {_short(state)}")
@@ -485,11 +537,12 @@ def _array_from_state(state) -> np.ndarray | _Refused:
     if numpy_dtype is None:
         return _Refused(UnsupportedTensorError,
                         f"it is a numpy array of {dtype.describe()}; kv3d reads {_SUPPORTED_DTYPES} arrays only")
-    raw = _raw_bytes(raw)
+    raw = _raw_bytes(raw, machine)
     expected = math.prod(shape) * numpy_dtype.itemsize
     if len(raw) != expected:
         return _Refused(CorruptCheckpointError,
                         f"a numpy array of shape {shape} and dtype {numpy_dtype} has {len(raw)} bytes, not {expected}")
+    machine.spend(expected)
     flat = np.frombuffer(raw, numpy_dtype)
     return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
 
@@ -655,6 +708,9 @@ def _stack_global(machine, stack, marks, memo, arg):
 
 
 def _find_global(module: str, name: str):
+    if len(module) > _MAX_GLOBAL_NAME or len(name) > _MAX_GLOBAL_NAME:
+        raise _Refusal(UnsafeCheckpointError, f"refers to a global named {_text(module, 60)}.{_text(name, 60)}, "
+                       f"longer than any kv3d reads ({_MAX_GLOBAL_NAME} characters)")
     qualified = f"{module}.{name}"
     if qualified in _STORAGE_TYPES:
         return _STORAGE_TYPES[qualified]
@@ -773,6 +829,9 @@ class _Reader:
     def left(self) -> int:
         return len(self._data) - self.position
 
+    def size(self) -> int:
+        return len(self._data)
+
 
 class _Storages:
     """Resolves the persistent ids of torch storages and checks what each claims against the file.
@@ -788,8 +847,8 @@ class _Storages:
 
     def __call__(self, pid) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) in self._lengths and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], (str, int))
-                and type(pid[4]) is int and pid[4] >= 0):
+                and isinstance(pid[1], _StorageType) and _atom_key(pid[2]) and isinstance(pid[2], (str, int))
+                and type(pid[4]) is int and 0 <= pid[4] < _MAX_INDEX):
             raise _corrupt(f"unknown persistent id {_short(pid)}")
         storage_type, key, numel = pid[1], str(pid[2]), pid[4]
         if storage_type.dtype is None:
@@ -800,15 +859,15 @@ class _Storages:
             self._available(key, numel * storage_type.dtype.itemsize)
             root = self.roots[key] = _Storage(key, storage_type, 0, numel)
         if root.type != storage_type or root.numel != numel:
-            raise _corrupt(f"storage {key} is read as both {root.numel} x {root.type.name} "
+            raise _corrupt(f"storage {_text(key)} is read as both {root.numel} x {root.type.name} "
                            f"and {numel} x {storage_type.name}")
         view = pid[5] if len(pid) == 6 else None
         if view is None:
             return root
         # PyTorch < 0.4 stored storage views as (view key, offset, numel) into a root storage.
         if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int and type(view[2]) is int
-                and 0 <= view[1] and 0 <= view[2] and view[1] + view[2] <= numel):
-            raise _corrupt(f"a view of storage {key} lies outside it")
+                and 0 <= view[1] < _MAX_INDEX and 0 <= view[2] < _MAX_INDEX and view[1] + view[2] <= numel):
+            raise _corrupt(f"a view of storage {_text(key)} lies outside it")
         return _Storage(key, storage_type, view[1], view[2])
 
     def check_views(self, counts: dict) -> None:
@@ -820,9 +879,7 @@ class _Storages:
 
 def checkpoint_format(path) -> str:
     """The format of the checkpoint file ``path``: a key of :data:`FORMATS`, from its first bytes."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
+    path = regular_file(path, "checkpoint")
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -850,7 +907,7 @@ def read_checkpoint(path) -> Any:
     """The object saved in checkpoint ``path`` (any of :data:`FORMATS`), tensors as numpy arrays.
 
     Raises:
-      FileNotFoundError: ``path`` is not a file.
+      FileNotFoundError: nothing is at ``path``.
       CheckpointError: one line naming the file, the tensor where there is one, and what is wrong;
         the subclass says which kind of problem it is.
     """
@@ -882,12 +939,12 @@ def _load(reader, persistent, budget: list[int], counts: dict) -> Any:
 
 
 def _new_budget() -> tuple[list[int], dict]:
-    return [MAX_PICKLE_OPCODES], {"view_elements": 0}
+    return [MAX_PICKLE_OPCODES], {"view_elements": 0, "built_bytes": 0, "items": 0}
 
 
 def _check_members(archive: zipfile.ZipFile, file_size: int) -> None:
     """Refuses a zip whose members are encrypted, compressed unusually, or claim too many bytes."""
-    total = 0
+    total = inflated = 0
     for info in archive.infolist():
         name = _text(info.filename)
         if info.flag_bits & 0x1:
@@ -901,6 +958,10 @@ def _check_members(archive: zipfile.ZipFile, file_size: int) -> None:
         if info.file_size > max(MAX_INFLATION * info.compress_size, _SMALL_MEMBER):
             raise _limit(f"zip member {name} declares {info.file_size:,} bytes from {info.compress_size:,} "
                          f"compressed ones, more than {MAX_INFLATION} times as many")
+        inflated += info.file_size
+        if inflated > MAX_INFLATION * file_size + _SMALL_MEMBER:
+            raise _limit(f"its zip members declare {inflated:,} bytes in all from a {file_size:,}-byte file, more "
+                         f"than {MAX_INFLATION} times as many")
         total += info.compress_size
         if info.header_offset + info.compress_size > file_size or total > file_size:
             raise _corrupt(f"zip member {name} lies past the end of the file")
@@ -1096,8 +1157,8 @@ def _resolve(obj, arrays: dict[str, np.ndarray]):
             return value.value
         if isinstance(value, _Tensor):
             return _tensor(value, arrays)
-        if isinstance(value, _Storage):
-            return _storage(value, arrays).copy()
+        if isinstance(value, _Storage):  # a view of its root's buffer: many views cost no copies
+            return _storage(value, arrays)
         if isinstance(value, dict):
             kind = collections.OrderedDict if isinstance(value, collections.OrderedDict) else dict
             return kind((k, visit(v)) for k, v in value.items())
@@ -1109,7 +1170,7 @@ def _resolve(obj, arrays: dict[str, np.ndarray]):
 
 
 def _where(where: tuple) -> str:
-    text = "/".join(_text(str(part), 80) for part in where) or "(top level)"
+    text = "/".join(_text(part, 80) if isinstance(part, str) else quote(part, 40) for part in where) or "(top level)"
     return repr(text if len(text) <= 200 else "..." + text[-197:])
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from converters.common import CheckpointMismatchError, find_state_dict
 from converters.torch_layout import convert_state, template_of
 from kv3d_jax.models import i3d
+from kv3d_jax.untrusted import quote
 
 CHECKPOINT = ("I3D_8x8_R50: PySlowFast's Caffe2 pickle {'blobs': ...} (I3D_8x8_R50.pkl) or .pyth "
               "with 'model_state', or PyTorchVideo's hub I3D_8x8_R50.pyth ('model_state', blocks.N...)")
@@ -56,6 +57,7 @@ _CAFFE2_TO_PYTORCH = tuple((re.compile(a), b) for a, b in (
 ))
 # Caffe2 training state in the pickle: not weights.
 _CAFFE2_TRAINING_BLOBS = ("model_iter", "lr")
+_MAX_BLOB_NAME = 200
 
 
 def caffe2_name_to_pytorch(name: str) -> str:
@@ -67,6 +69,11 @@ def caffe2_name_to_pytorch(name: str) -> str:
 
 def caffe2_state_dict(blobs: dict) -> dict:
     """The PyTorch-named state dict in a Caffe2 ``blobs`` dict, without Caffe2's training state."""
+    # PySlowFast's renaming rules are regular expressions that cost time quadratic in a name's length.
+    named = [k for k in blobs if not (isinstance(k, str) and len(k) <= _MAX_BLOB_NAME)]
+    if named:
+        raise CheckpointMismatchError(f"Caffe2 blob names are strings of at most {_MAX_BLOB_NAME} characters; "
+                                      f"the checkpoint has a blob named {quote(named[0])}: not an I3D checkpoint")
     weights = {k: v for k, v in blobs.items()
                if k not in _CAFFE2_TRAINING_BLOBS
                and not (k.endswith("_momentum") and k[: -len("_momentum")] in blobs)}

@@ -18,6 +18,7 @@ from typing import Any
 from converters.common import CheckpointMismatchError, find_state_dict
 from converters.torch_layout import convert_state, template_of
 from kv3d_jax.models import vqvae
+from kv3d_jax.untrusted import quote
 
 CHECKPOINT = ("VideoGPT VQ-VAE Lightning checkpoint (.ckpt) with 'state_dict' and 'hyper_parameters' "
               "(e.g. ucf101_stride4x4x4, kinetics_stride2x4x4, bair_stride4x2x2)")
@@ -71,7 +72,7 @@ def convert(checkpoint: Any) -> dict:
     if stray:
         raise CheckpointMismatchError(
             f"the checkpoint holds {len(stray)} tensors outside VideoGPT's VQVAE "
-            f"(encoder, decoder, pre_vq_conv, post_vq_conv, codebook), e.g. {stray[0]!r}; "
+            f"(encoder, decoder, pre_vq_conv, post_vq_conv, codebook), e.g. {quote(stray[0])}; "
             "is it a VideoGPT VQ-VAE checkpoint?")
     encoder = {k: v for k, v in state.items() if k.startswith("encoder.")}
     return convert_state(encoder, template_of(lambda key: vqvae.init_params(key, **settings)), torch_path,

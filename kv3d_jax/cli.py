@@ -2,14 +2,20 @@
 
 Every failure is one line ``kv3d <command>: error: ...`` on stderr and a non-zero exit
 status (2 for a bad command line or input, 1 for anything else, 130 when interrupted);
-no traceback is printed.
+no traceback is printed, control characters are escaped, and no Python warning precedes it
+(warnings are printed as ``kv3d <command>: warning: ...`` lines once a command succeeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import itertools
+import math
+import mmap
+import struct
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -27,20 +33,34 @@ from kv3d_jax.maximization import PRESETS, maximize
 from kv3d_jax.motion import motion_summary
 from kv3d_jax.progress import ProgressBar
 from kv3d_jax.refinement import DEFAULT_STEPS as REFINE_STEPS, MOTIONS, Config as RefineConfig
+from kv3d_jax.untrusted import escape, output_path, printable, quote, regular_file
 
 # The rule for --model in every subcommand that takes it: the model whose weights ship with kv3d.
 DEFAULT_MODEL = pipeline.DEFAULT_JOB["model"]
 _MODEL_HELP = (f"model name (default {DEFAULT_MODEL}, whose weights ship with kv3d; every other model needs "
                f"--weights): {', '.join(models.names())}")
-# The most pixels (frames x height x width) `kv3d decompose` reads from one input video.
+# The most pixels (frames x height x width) `kv3d decompose` reads from one input video, the most
+# frames of one video, and the most pixels of all its inputs together.
 MAX_VIDEO_PIXELS = 2**22
+MAX_VIDEO_FRAMES = 1024
+MAX_TOTAL_PIXELS = 2**24
+MAX_GIFS = 4096
+# GIF data blocks `kv3d decompose` walks through to count a GIF's frames (Pillow writes 255-byte
+# blocks: a GIF inside the pixel budget has a few tens of thousands).
+_MAX_GIF_BLOCKS = 2**20
+# A stage-1 .npz holds five arrays; its zip directory is a few hundred bytes.
+_MAX_NPZ_MEMBERS, _MAX_NPZ_DIRECTORY = 64, 1 << 16
+# `kv3d tuning`: the most directions, phases and gratings (directions x SFs x TFs x phases) it shows.
+MAX_DIRECTIONS, MAX_PHASES, MAX_GRATINGS = 360, 64, 20_000
+# --memory-budget: the most GiB per device kv3d accepts (a petabyte).
+_MAX_MEMORY_GIB = 2.0**20
 
 
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line, ``{prog}: error: {message}``, exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {printable(message, 500)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,11 +81,13 @@ def _one_line(err: BaseException) -> str:
         where = f": {err.filename}" if err.filename else ""
         hint = "; free some space and rerun (finished work is kept)" if err.errno == errno.ENOSPC else ""
         text = f"{err.strerror}{where}{hint}"
+    elif isinstance(err, OverflowError):
+        text = f"a number is too large to use ({err})"
     elif isinstance(err, (ValueError, OSError, zipfile.BadZipFile)):
         text = str(err) or type(err).__name__
     else:
-        text = f"{type(err).__name__}: {err}"
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+        text = f"kv3d failed unexpectedly ({err or 'no message'}); please report this"
+    return printable(" ".join(line.strip() for line in text.splitlines() if line.strip()), 2000)
 
 
 def _cache_compiled_programs() -> None:
@@ -80,17 +102,28 @@ def _cache_compiled_programs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kv3d`` console script; returns the exit status."""
+    """Entry point of the ``kv3d`` console script; returns the exit status.
+
+    Python warnings raised while the command runs are held back: printed, one line each, after a
+    command that succeeds, and dropped when it fails, so that a failure is exactly one line.
+    """
     args = build_parser().parse_args(argv)
-    try:
-        _cache_compiled_programs()
-        return args.run(args) or 0
-    except KeyboardInterrupt:
-        print(f"kv3d {args.command}: error: interrupted; finished work is kept", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - every failure is reported as one line, never a traceback
-        print(f"kv3d {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2 if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)) else 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            _cache_compiled_programs()
+            status = args.run(args) or 0
+        except KeyboardInterrupt:
+            print(f"kv3d {args.command}: error: interrupted; finished work is kept", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - every failure is reported as one line, never a traceback
+            print(f"kv3d {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2 if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                                         OverflowError)) else 1
+    for warning in caught:
+        message = " ".join(str(warning.message).split())
+        print(f"kv3d {args.command}: warning: {printable(message, 1000)}", file=sys.stderr)
+    return status
 
 
 def _seed(text: str) -> int:
@@ -271,10 +304,11 @@ def _run_maximize(args) -> int:
         bar.close()
     videos, objective = np.asarray(result.videos), np.asarray(result.objective)
     for channel, video in zip(result.channels, videos):
-        writers.save_gif(out / f"{writers.kernel_stem(model.name, args.layer, int(channel))}_stage1.gif", video)
+        writers.save_gif(output_path(out, f"{writers.kernel_stem(model.name, args.layer, int(channel))}_stage1.gif"),
+                         video)
     part = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
     npz = writers.save_npz(
-        out / f"{model.name}_{args.layer}_stage1{part}.npz", videos=videos, objective=objective,
+        output_path(out, f"{model.name}_{args.layer}_stage1{part}.npz"), videos=videos, objective=objective,
         channels=result.channels, model=model.name, layer=args.layer,
     )
     print(f"{len(videos)} kernels of {model.name} {args.layer}: mean objective {objective.mean():.4g}; "
@@ -297,30 +331,44 @@ def _add_tuning(sub) -> None:
                    f"(not needed for {DEFAULT_MODEL})")
     p.add_argument("--layer", required=True, help="layer to tap; `kv3d layers MODEL` lists them")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--directions", type=int, default=16, help="number of directions, even (default 16)")
+    p.add_argument("--directions", type=_at_least(2), default=16,
+                   help=f"number of directions, even, at most {MAX_DIRECTIONS} (default 16)")
     p.add_argument("--sf", type=float, nargs="+", default=[0.05, 0.1, 0.2],
                    help="spatial frequencies, cycles/px (default 0.05 0.1 0.2)")
     p.add_argument("--tf", type=float, nargs="+", default=[0.05, 0.1, 0.2],
                    help="temporal frequencies, cycles/frame (default 0.05 0.1 0.2)")
-    p.add_argument("--phases", type=int, default=4, help="grating phases averaged (default 4)")
+    p.add_argument("--phases", type=_at_least(1), default=4,
+                   help=f"grating phases averaged, at most {MAX_PHASES} (default 4)")
     p.set_defaults(run=_run_tuning)
 
 
 def _run_tuning(args) -> int:
     out = _output_folder(args.out)
+    if args.directions > MAX_DIRECTIONS or args.directions % 2:
+        raise ValueError(f"--directions must be even, from 2 to {MAX_DIRECTIONS}, so each has its opposite, got "
+                         f"{args.directions}")
+    if args.phases > MAX_PHASES:
+        raise ValueError(f"--phases must be from 1 to {MAX_PHASES}, got {args.phases}")
+    for flag, values in (("--sf", args.sf), ("--tf", args.tf)):
+        if not all(math.isfinite(v) and -1 <= v <= 1 for v in values):
+            raise ValueError(f"{flag} takes frequencies from -1 to 1 cycles per px or frame, got "
+                             f"{quote(list(values))}")
+    gratings = args.directions * len(args.sf) * len(args.tf) * args.phases
+    if gratings > MAX_GRATINGS:
+        raise ValueError(f"{gratings:,} gratings (directions x --sf x --tf x phases) are more than the "
+                         f"{MAX_GRATINGS:,} kv3d tuning shows; use fewer")
     model, params = _load(args.model, args.weights)
     model.check_layer(args.layer)
-    if args.directions < 2 or args.directions % 2:
-        raise ValueError(f"--directions must be even and >= 2 so each has its opposite, got {args.directions}")
     directions = np.arange(args.directions) * 360.0 / args.directions
     responses = tuning.grating_responses(
         model, params, args.layer, directions, args.sf, args.tf, num_phases=args.phases
     )
     result = tuning.direction_tuning(responses, directions)
-    stem = f"{out}/{model.name}_{args.layer}"
-    png = tuning.polar_plot(f"{stem}_tuning.png", result, directions, title=f"{model.name} {args.layer}")
+    stem = f"{model.name}_{args.layer}"
+    png = tuning.polar_plot(output_path(out, f"{stem}_tuning.png"), result, directions,
+                            title=f"{model.name} {args.layer}")
     writers.save_npz(
-        f"{stem}_tuning.npz", responses=responses, directions=directions, spatial_freqs=np.asarray(args.sf),
+        output_path(out, f"{stem}_tuning.npz"), responses=responses, directions=directions, spatial_freqs=np.asarray(args.sf),
         temporal_freqs=np.asarray(args.tf), preferred_deg=result.preferred_deg, dsi=result.dsi, peak=result.peak,
     )
     selective = tuning.direction_selective(result)
@@ -338,41 +386,103 @@ def _run_tuning(args) -> int:
 _OUTPUT_KINDS = tuple(f"_{kind}" for kind in writers.DECOMPOSITION_FILES if kind != "stage1")
 
 
-def _check_size(path, shape) -> None:
-    """Refuses a video ``(T, H, W, ...)`` of more than :data:`MAX_VIDEO_PIXELS` pixels, before it is read."""
+def _check_size(path, shape, frames: bool = True) -> None:
+    """Refuses a video ``(T, H, W, ...)`` with an axis below 1, more than :data:`MAX_VIDEO_FRAMES`
+    frames (unless ``frames`` is False: videos stacked along T) or more than :data:`MAX_VIDEO_PIXELS`
+    pixels, before it is read."""
     t, h, w = (int(n) for n in shape[:3])
+    if min(t, h, w) < 1:
+        raise ValueError(f"{path} holds {t} frames of {h}x{w} pixels; kv3d decompose needs at least one frame "
+                         "of at least 1x1 pixels")
+    if frames and t > MAX_VIDEO_FRAMES:
+        raise ValueError(f"{path} holds {t:,} frames, more than the {MAX_VIDEO_FRAMES:,} kv3d decompose reads from "
+                         "one video; shorten it")
     if t * h * w > MAX_VIDEO_PIXELS:
         raise ValueError(f"{path} holds {t} frames of {h}x{w} pixels, more than the {MAX_VIDEO_PIXELS:,} "
                          "pixels kv3d decompose reads from one video; shorten or shrink it")
 
 
+def _gif_shape(path: Path) -> tuple[int, int, int]:
+    """``(frames, height, width)`` of a GIF, from its block structure alone (no frame is decoded):
+    the logical screen, enlarged to every frame's extent as Pillow does. Refuses, while counting, a
+    GIF of more than :data:`MAX_VIDEO_FRAMES` frames or :data:`_MAX_GIF_BLOCKS` data blocks."""
+    if not regular_file(path, "GIF").stat().st_size:
+        raise ValueError(f"{path} is not a readable GIF (the file is empty)")
+    with open(path, "rb") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:6] not in (b"GIF87a", b"GIF89a") or len(data) < 13:
+                raise ValueError(f"{path} is not a readable GIF (it does not start with a GIF header)")
+            width, height = struct.unpack("<HH", data[6:10])
+            position = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+            frames = blocks = 0
+            while position < len(data) and data[position] != 0x3B:
+                if data[position] == 0x21:  # an extension: label, then data blocks
+                    position += 2
+                elif data[position] == 0x2C and position + 10 <= len(data):  # an image
+                    left, top, w, h, flags = struct.unpack("<HHHHB", data[position + 1:position + 10])
+                    position += 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # + LZW code size
+                    frames, width, height = frames + 1, max(width, left + w), max(height, top + h)
+                    if frames > MAX_VIDEO_FRAMES:
+                        _check_size(path, (frames, height, width))
+                else:
+                    break  # not a block: Pillow decides what the GIF holds up to here
+                while position < len(data):  # data blocks, up to the empty one
+                    size = data[position]
+                    position += 1 + size
+                    blocks += 1
+                    if size == 0:
+                        break
+                if blocks > _MAX_GIF_BLOCKS:
+                    raise ValueError(f"{path} holds more than {_MAX_GIF_BLOCKS:,} GIF data blocks; kv3d decompose "
+                                     "reads GIFs of fewer")
+    return max(frames, 1), height, width
+
+
 def _read_gif(path) -> np.ndarray:
     """A GIF as ``(T, H, W, 3)`` float32 in [0, 1] (grey and palette to RGB, alpha dropped).
 
-    Its frame count and size are read from the file's headers and checked against
-    :data:`MAX_VIDEO_PIXELS` before any frame is decoded.
+    Its frame count and size are read from the file's blocks and checked against
+    :data:`MAX_VIDEO_FRAMES` and :data:`MAX_VIDEO_PIXELS` before any frame is decoded.
     """
+    _check_size(path, _gif_shape(path))
     try:
         with Image.open(path, formats=["GIF"]) as image:
-            width, height = image.size
-            _check_size(path, (getattr(image, "n_frames", 1), height, width))
             frames = []
-            for index in range(image.n_frames):
+            for index in range(min(image.n_frames, MAX_VIDEO_FRAMES)):
                 image.seek(index)
-                _check_size(path, (image.n_frames, image.size[1], image.size[0]))  # a frame may enlarge it
+                _check_size(path, (index + 1, image.size[1], image.size[0]))  # a frame may enlarge it
                 frames.append(np.asarray(image.convert("RGB")))
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError, EOFError, SyntaxError) as err:
-        raise ValueError(f"{path} is not a readable GIF ({type(err).__name__}: {err})") from None
+            if frames:
+                _check_size(path, (len(frames), *frames[-1].shape[:2]))
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError, EOFError, SyntaxError, OSError) as err:
+        raise ValueError(f"{path} is not a readable GIF ({escape(str(err), 200)})") from None
+    shapes = {frame.shape for frame in frames}
+    if len(shapes) != 1:
+        raise ValueError(f"{path} is not a readable GIF (its frames have different sizes)")
     return np.stack(frames).astype(np.float32) / 255.0
 
 
-def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of array ``name`` of an ``.npz``, from its header alone."""
-    with archive.open(f"{name}.npy") as member:
+def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape and dtype of array ``name`` of an ``.npz``, from its header alone, and how many bytes of
+    data its member holds after the header (read later only if they are what the header needs)."""
+    info = archive.getinfo(f"{name}.npy")
+    with archive.open(info) as member:
         version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"array {name!r} has .npy format version {version}")
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(member)
-    return shape, dtype
+        header = member.tell()
+    if not (len(shape) <= 32 and all(0 <= n < 2**40 for n in shape)) or dtype.hasobject or dtype.names:
+        raise ValueError(f"array {name!r} is {escape(str(dtype), 40)} of shape {quote(shape)}, not plain numbers")
+    return shape, dtype, info.file_size - header
+
+
+def _check_held(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, held: int) -> None:
+    """Refuses array ``name`` unless its member holds exactly the bytes its header's shape and dtype need."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if held != nbytes:
+        raise ValueError(f"{path}'s {name!r} is {dtype}{list(shape)}, {nbytes:,} bytes, but its member holds {held:,}")
 
 
 def _read_npy(archive: zipfile.ZipFile, name: str) -> np.ndarray:
@@ -380,46 +490,108 @@ def _read_npy(archive: zipfile.ZipFile, name: str) -> np.ndarray:
         return np.lib.format.read_array(member, allow_pickle=False)
 
 
+def _check_npz_directory(path: Path) -> None:
+    """Refuses an ``.npz`` whose zip directory claims more than a stage-1 file's few members, before
+    :mod:`zipfile` reads it (it builds an object per member)."""
+    size = regular_file(path).stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 16) - 22))
+        tail = f.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or len(tail) < end + 22:
+        raise ValueError(f"{path} is not an .npz archive (no zip directory)")
+    members, size = struct.unpack("<HI", tail[end + 10:end + 16])
+    if members > _MAX_NPZ_MEMBERS or size > _MAX_NPZ_DIRECTORY:
+        raise ValueError(f"{path} claims {members:,} arrays in a {size:,}-byte directory; a stage-1 .npz holds "
+                         f"at most {_MAX_NPZ_MEMBERS} (and kv3d reads no ZIP64 archive)")
+
+
+def _stage1_names(archive: zipfile.ZipFile, path: Path, names: set, count: int) -> list[str] | None:
+    """The stems ``{model}_{layer}_{channel}`` of a stage-1 ``.npz``'s ``count`` videos, if it names them;
+    each part checked to be kv3d's own: a registered model, one of its layers, channels 0 to 2^31 - 1."""
+    if not {"model", "layer", "channels"} <= names:
+        return None
+    headers = {name: _npy_header(archive, name) for name in ("model", "layer", "channels")}
+    for name in ("model", "layer"):
+        shape, dtype, held = headers[name]
+        if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * 200:
+            raise ValueError(f"{path}'s {name!r} is {dtype}{list(shape)}, not a name")
+        _check_held(path, name, shape, dtype, held)
+    shape, dtype, held = headers["channels"]
+    if shape != (count,) or dtype.kind not in "iu":
+        raise ValueError(f"{path}'s 'channels' is {dtype}{list(shape)}, not {count} channel numbers")
+    _check_held(path, "channels", shape, dtype, held)
+    model, layer = str(_read_npy(archive, "model")), str(_read_npy(archive, "layer"))
+    if model not in models.names():
+        raise ValueError(f"{path} names model {quote(model)}, which kv3d does not know; valid models are: "
+                         f"{', '.join(models.names())}")
+    if layer not in models.layer_names(model):
+        raise ValueError(f"{path} names layer {quote(layer)}, which {model} does not have")
+    channels = _read_npy(archive, "channels")
+    if channels.size and not (channels.min() >= 0 and channels.max() < 2**31):
+        raise ValueError(f"{path}'s channels are not numbers from 0 to {2**31 - 1}")
+    return [writers.kernel_stem(model, layer, int(c)) for c in channels]
+
+
 def _read_stage1(path: Path) -> list[tuple[str, np.ndarray]]:
     """``(stem, video)`` pairs of a stage-1 ``.npz`` (``videos`` ``(K, T, H, W, 3)``, and ``model``,
-    ``layer``, ``channels`` to name them); each array's shape and dtype are read from its header and
-    checked before its data is."""
+    ``layer``, ``channels`` to name them); only these arrays are read, each after its shape and dtype
+    are read from its header and checked, and the videos must be finite."""
+    _check_npz_directory(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = {name.removesuffix(".npy") for name in archive.namelist()}
             if "videos" not in names:
                 raise ValueError(f"{path} has no 'videos' array (K, T, H, W, 3); `kv3d maximize` writes one")
-            shape, dtype = _npy_header(archive, "videos")
+            shape, dtype, held = _npy_header(archive, "videos")
             if len(shape) != 5 or shape[-1] != 3 or dtype.kind not in "fiu":
                 raise ValueError(f"{path}'s 'videos' is {dtype}{list(shape)}, not numbers (K, T, H, W, 3)")
-            _check_size(path, (shape[0] * shape[1], *shape[2:4]))
-            videos = np.asarray(_read_npy(archive, "videos"), np.float32)
-            stems = [f"{path.stem}_{k}" for k in range(len(videos))]
-            if {"model", "layer", "channels"} <= names and all(
-                    _npy_header(archive, name)[0] == expected
-                    for name, expected in (("model", ()), ("layer", ()), ("channels", (len(videos),)))):
-                model, layer = str(_read_npy(archive, "model")), str(_read_npy(archive, "layer"))
-                stems = [writers.kernel_stem(model, layer, int(c)) for c in _read_npy(archive, "channels")]
+            if shape[0] < 1:
+                raise ValueError(f"{path}'s 'videos' holds no video")
+            _check_size(path, (shape[0] * shape[1], *shape[2:4]), frames=False)
+            _check_size(path, shape[1:4])
+            _check_held(path, "videos", shape, dtype, held)
+            stems = _stage1_names(archive, path, names, shape[0]) or [f"{path.stem}_{k}" for k in range(shape[0])]
+            with np.errstate(over="ignore", invalid="ignore"):
+                videos = np.asarray(_read_npy(archive, "videos"), np.float32)
     except zipfile.BadZipFile as err:
-        raise ValueError(f"{path} is not an .npz archive ({err})") from None
+        raise ValueError(f"{path} is not an .npz archive ({escape(str(err), 200)})") from None
+    bad = int(np.size(videos) - np.isfinite(videos).sum())
+    if bad:
+        raise ValueError(f"{path}'s 'videos' holds {bad:,} values that are not finite (in float32)")
     return list(zip(stems, videos))
 
 
 def _decompose_inputs(path: str) -> list[tuple[str, np.ndarray]]:
-    """``(stem, video)`` pairs from a GIF, a folder of GIFs or a stage-1 ``.npz`` (key ``videos``)."""
+    """``(stem, video)`` pairs from a GIF, a folder of GIFs or a stage-1 ``.npz`` (key ``videos``).
+
+    Every file is checked to be a regular file before it is opened, and every GIF's size from its
+    blocks before any is decoded: at most :data:`MAX_TOTAL_PIXELS` pixels in all.
+    """
     source = Path(path)
     if not source.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if source.suffix == ".npz":
-        return _read_stage1(source)
+        return _read_stage1(regular_file(source))
     if source.is_dir():
-        gifs = sorted(p for p in source.glob("*.gif") if not p.stem.endswith(_OUTPUT_KINDS))
+        found = (p for p in source.glob("*.gif") if not p.stem.endswith(_OUTPUT_KINDS))
+        gifs = sorted(itertools.islice(found, MAX_GIFS + 1))
+        if len(gifs) > MAX_GIFS:
+            raise ValueError(f"{path} holds more than {MAX_GIFS:,} GIFs; decompose fewer at a time")
         if not gifs:
             raise ValueError(f"{path} holds no GIFs to decompose (outputs of `kv3d decompose` are skipped)")
     elif source.suffix.lower() == ".gif":
         gifs = [source]
     else:
         raise ValueError(f"{path} is neither a GIF, a folder of GIFs nor an .npz of stage-1 videos")
+    total = 0
+    for gif in gifs:
+        shape = _gif_shape(regular_file(gif, "GIF"))
+        _check_size(gif, shape)
+        total += math.prod(shape)
+        if total > MAX_TOTAL_PIXELS:
+            raise ValueError(f"{path} holds GIFs of more than {MAX_TOTAL_PIXELS:,} pixels in all; decompose fewer "
+                             "at a time")
     return [(p.stem.removesuffix("_stage1"), _read_gif(p)) for p in gifs]
 
 
@@ -441,6 +613,9 @@ def _add_decompose(sub) -> None:
 def _run_decompose(args) -> int:
     out = _output_folder(args.out)
     inputs = _decompose_inputs(args.source)
+    for stem, _ in inputs:  # every name is checked before any work
+        for kind in writers.DECOMPOSITION_FILES:
+            output_path(out, f"{stem}_{kind}.{'png' if kind == 'static' else 'gif'}")
     groups: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for stem, video in inputs:
         groups.setdefault(video.shape, []).append((stem, video))
@@ -520,8 +695,9 @@ def _run_visualize(args) -> int:
     if not args.layer and args.layers is None and settings.model != pipeline.DEFAULT_JOB["model"]:
         raise ValueError(f"choose layers of {settings.model} with --layer L (repeatable) or --layers all; "
                          f"valid layers are: {', '.join(models.get(settings.model).layers)}")
-    if args.memory_budget is not None and not args.memory_budget > 0:
-        raise ValueError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
+    if args.memory_budget is not None and not 2.0**-10 <= args.memory_budget <= _MAX_MEMORY_GIB:
+        raise ValueError(f"--memory-budget must be a positive, finite number of GiB, from 1/1024 (1 MiB) to "
+                         f"{_MAX_MEMORY_GIB:,.0f}, got {args.memory_budget}")
     budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
     out = _output_folder(args.out)
     model, params = _load(settings.model, args.weights)
@@ -578,7 +754,7 @@ def _run_agreement(args) -> int:
         raise ValueError(f"{args.out} holds no finished kernels yet; run `kv3d visualize --out {args.out}` first")
     table = agreement.markdown(rows, medians, args.stage)
     name = "agreement.md" if args.stage == "stage2" else f"agreement_{args.stage}.md"
-    writers.save_text(f"{args.out}/{name}", table)
+    writers.save_text(output_path(args.out, name), table)
     print(table, end="")
     reliable = sum(bool(row.reliable) for row in rows)
     print(f"{len(rows)} of {compared} kernels are direction-selective, {reliable} of them reliable; "

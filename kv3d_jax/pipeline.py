@@ -34,6 +34,7 @@ from kv3d_jax.models import motionnet
 from kv3d_jax.motion import motion_summary, observability
 from kv3d_jax.refinement import MOTIONS, Config as RefineConfig, refine
 from kv3d_jax.store import Store, params_checksum
+from kv3d_jax.untrusted import output_path
 
 # `kv3d visualize` with no arguments: all 176 channels of the embedded MotionNet's conv layers.
 # The step counts trade agreement with the channels' grating tuning against a job of at most
@@ -344,7 +345,7 @@ def sweep_layer(store: Store, model, params, layer: str, channels: Sequence[int]
     for index, batch in enumerate(batches):
         for channel, record in compute_chunk(model, params, layer, batch, settings, advance(index),
                                                    memory_budget).items():
-            write_media(out / layer, model.name, layer, channel, record)
+            write_media(output_path(out, layer), model.name, layer, channel, record)
             store.write(layer, channel, record)
     return len(pending)
 
@@ -361,7 +362,7 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
     schema = kernel_schema(video_shape(model, settings), settings.refine_steps > 0)
     done = sorted(store.audit(layer, schema).done)
     records = {c: store.read(layer, c, schema) for c in done}
-    folder = out / layer
+    folder = output_path(out, layer)
     labels = model.names_of(layer)
     kernels = []
     for c, r in records.items():
@@ -383,11 +384,11 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
         sheet = gallery.save_figure(
             gallery.contact_sheet([r["static"] for r in records.values()], done, f"{title}: static textures",
                                   [labels[c] for c in done] if labels else ()),
-            folder / f"{model.name}_{layer}_statics.png")
+            output_path(folder, f"{model.name}_{layer}_statics.png"))
         hist = gallery.save_figure(
             gallery.motion_histogram([r["direction_deg"] for r in records.values()],
                                      [r["speed"] for r in records.values()], f"{title}: motion"),
-            folder / f"{model.name}_{layer}_motion.png")
+            output_path(folder, f"{model.name}_{layer}_motion.png"))
         figures = {"static textures": f"{layer}/{sheet.name}", "directions and speeds": f"{layer}/{hist.name}"}
     notes = [f"{len(done)} of {max(wanted, len(done))} kernels finished"] if len(done) < wanted else []
     if layer in model.linear_layers:
@@ -400,7 +401,7 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Set
                 f"{settings.steps} stage-1 "
                 f"steps, {settings.decompose_steps} decomposition steps"
                 f"{refined}, seed {settings.seed}")
-    page = gallery.write_page(out / f"{layer}.html", gallery.layer_page(f"{title}: {subtitle}", kernels, figures, notes))
+    page = gallery.write_page(output_path(out, f"{layer}.html"), gallery.layer_page(f"{title}: {subtitle}", kernels, figures, notes))
     return gallery.LayerView(layer=layer, page=page.name, figures=figures, done=len(done), total=max(wanted, len(done)),
                              mean_psnr=_mean([k.psnr for k in kernels]), mean_speed=_mean([k.speed for k in kernels]),
                              reliable=sum(k.reliable for k in kernels), dead=sum(k.dead for k in kernels))
@@ -437,5 +438,5 @@ def visualize(model, params, layers: Sequence[str], channels: str, out, settings
         # The index covers every layer of the run folder, also those of earlier invocations.
         shown = [layer for layer in model.layers if layer in wanted or layer in store.layers()]
         views = [build_layer_page(store, model, layer, len(wanted.get(layer, ())), settings, out) for layer in shown]
-        return gallery.write_page(out / "index.html",
+        return gallery.write_page(output_path(out, "index.html"),
                                   gallery.index_page(f"{model.name}: what its kernels respond to", views))

@@ -36,6 +36,8 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from kv3d_jax.untrusted import output_path
+
 RUN_FILE = "run.json"
 KERNELS = "kernels"
 QUARANTINE = "quarantine"
@@ -255,7 +257,7 @@ class Store:
 
     def kernel_path(self, layer: str, channel: int) -> Path:
         """Where kernel ``(layer, channel)``'s file lives."""
-        return self.root / KERNELS / layer / f"{int(channel)}.npz"
+        return output_path(self.root, KERNELS, layer, f"{int(channel)}.npz")
 
     def layers(self) -> list[str]:
         """The layers that have a kernels folder, sorted by name."""

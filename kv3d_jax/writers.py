@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from kv3d_jax import motion, render
+from kv3d_jax.untrusted import output_path
 
 
 def to_uint8(x) -> np.ndarray:
@@ -104,21 +105,22 @@ def save_decomposition(out_dir, stem: str, video, static, displacement, reconstr
     * ``_panel.gif``: video | static | motion | reconstruction | legend, 2 px white gaps:
       T frames of H×(4W+6+L).
 
-    Motion is shown smoothed over 1 px (:func:`kv3d_jax.render.smooth_velocity`), all frames
+    Every path is checked to lie inside ``out_dir`` (:func:`kv3d_jax.untrusted.output_path`) before
+    anything is written. Motion is shown smoothed over 1 px (:func:`kv3d_jax.render.smooth_velocity`), all frames
     on one brightness scale (:func:`kv3d_jax.render.default_max_speed`).
     A GIF can hold fewer frames than listed (:func:`save_gif`).
     Returns ``{kind: path}``.
     """
+    paths = {kind: output_path(out_dir, f"{stem}_{kind}.{'png' if kind == 'static' else 'gif'}")
+             for kind in DECOMPOSITION_FILES}
     velocity, max_speed, colours = _motion_pictures(displacement, valid)
-    out = Path(out_dir)
     return {
-        "stage1": save_gif(out / f"{stem}_stage1.gif", video, fps),
-        "static": save_png(out / f"{stem}_static.png", static),
-        "deform": save_gif(out / f"{stem}_deform.gif", render.deform_frames(static, velocity, max_speed, valid), fps),
-        "motion": save_gif(out / f"{stem}_motion.gif", render.with_legend(colours), fps),
-        "recon": save_gif(out / f"{stem}_recon.gif", reconstruction, fps),
-        "panel": save_gif(out / f"{stem}_panel.gif",
-                          render.panel(video, static, velocity, reconstruction, max_speed, valid), fps),
+        "stage1": save_gif(paths["stage1"], video, fps),
+        "static": save_png(paths["static"], static),
+        "deform": save_gif(paths["deform"], render.deform_frames(static, velocity, max_speed, valid), fps),
+        "motion": save_gif(paths["motion"], render.with_legend(colours), fps),
+        "recon": save_gif(paths["recon"], reconstruction, fps),
+        "panel": save_gif(paths["panel"], render.panel(video, static, velocity, reconstruction, max_speed, valid), fps),
     }
 
 
@@ -134,12 +136,13 @@ def save_refinement(out_dir, stem: str, video, static, displacement, valid=None,
     ``_refined_deform.gif`` and ``_refined_motion.gif``, drawn as their stage-2 namesakes.
     Returns ``{kind: path}``.
     """
+    paths = {kind: output_path(out_dir, f"{stem}_{kind}.{'png' if kind == 'refined_static' else 'gif'}")
+             for kind in REFINEMENT_FILES}
     velocity, max_speed, colours = _motion_pictures(displacement, valid)
-    out = Path(out_dir)
     return {
-        "refined_video": save_gif(out / f"{stem}_refined_video.gif", video, fps),
-        "refined_static": save_png(out / f"{stem}_refined_static.png", static),
-        "refined_deform": save_gif(out / f"{stem}_refined_deform.gif",
-                                   render.deform_frames(static, velocity, max_speed, valid), fps),
-        "refined_motion": save_gif(out / f"{stem}_refined_motion.gif", render.with_legend(colours), fps),
+        "refined_video": save_gif(paths["refined_video"], video, fps),
+        "refined_static": save_png(paths["refined_static"], static),
+        "refined_deform": save_gif(paths["refined_deform"], render.deform_frames(static, velocity, max_speed, valid),
+                                   fps),
+        "refined_motion": save_gif(paths["refined_motion"], render.with_legend(colours), fps),
     }

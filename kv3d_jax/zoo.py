@@ -16,8 +16,10 @@ import numpy as np
 
 import converters
 from converters.checkpoint import NotACheckpointError
+from converters.common import check_weights
 from kv3d_jax import models, params_io
 from kv3d_jax.models.base import Params, VideoModel
+from kv3d_jax.untrusted import escape, quote
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -26,10 +28,12 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
 
 
 def check_params(name: str, params: Params, config: Mapping[str, Any] | None = None) -> Params:
-    """Returns ``params`` if they have exactly the variables of model ``name`` built with ``config``;
-    else raises a ValueError naming every missing, unexpected and misshaped one."""
+    """Returns ``params`` if they have exactly the variables of model ``name`` built with ``config``
+    and values the model can use; else raises a ValueError naming the missing, unexpected and
+    misshaped ones (the first few of each), or the tensors that are not real floats, are not finite
+    in float32 or are negative BatchNorm variances (:func:`converters.common.check_weights`)."""
     expected = _shapes(jax.eval_shape(lambda key: models.init_params(name, key, config), jax.random.key(0)))
-    found = _shapes(params)
+    found = {escape(k, 100): v for k, v in _shapes(params).items()}
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     misshaped = [f"{k} {found[k]} (expected {expected[k]})" for k in expected
@@ -40,6 +44,7 @@ def check_params(name: str, params: Params, config: Mapping[str, Any] | None = N
                                     ("wrong shape", misshaped)) if keys]
         raise ValueError(f"these are not {name} params; " + "; ".join(parts)
                          + f". Give {name}'s checkpoint, or a params file converted from it")
+    check_weights(params, name)
     return params
 
 
@@ -74,7 +79,8 @@ def load(name: str, weights=None, config: Mapping[str, Any] | None = None) -> tu
             raise ValueError(f"{path} is a params file, which records its model's config "
                              f"{stored.config}; convert the checkpoint again to change it")
         if stored.model is not None and stored.model != name:
-            raise ValueError(f"{path} holds params of {stored.model}, not {name}") from None
+            other = stored.model if stored.model in models.names() else quote(stored.model)
+            raise ValueError(f"{path} holds params of {other}, not {name}") from None
         params, config = check_params(name, stored.params, stored.config), stored.config
     else:
         params, config = converters.convert(name, path, dict(config or {}))

@@ -64,3 +64,14 @@ def c3d_params_files(c3d_checkpoints, tmp_path_factory) -> dict:
             assert cli.main(["convert", "c3d", str(checkpoint), "-o", str(path)]) == 0
         converted[fmt] = (path, stdout.getvalue())
     return converted
+
+
+@pytest.fixture(scope="session")
+def kv3d_runner():
+    """One interpreter that imported kv3d, forking a child per ``kv3d`` command and measuring it
+    (status, output, peak memory, CPU): see ``tests/hostile_harness.py``."""
+    import hostile_harness
+
+    runner = hostile_harness.Runner()
+    yield runner
+    runner.close()

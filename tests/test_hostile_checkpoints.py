@@ -1,29 +1,24 @@
 """``kv3d convert`` refuses every hostile or broken checkpoint in one line, cheaply, and leaves nothing behind.
 
-Each case of :mod:`hostile_checkpoints` is written at test time and converted by the
-``kv3d`` entry point in a subprocess, which must exit with status 2 after printing exactly
-one line, ``kv3d convert: error: <file>...``, naming the problem (no traceback, no crash by
-signal), leave no file next to the checkpoint (no params, no temporary file), peak at less
-than 300 MB above an interpreter that only imports the CLI (the child's own ru_maxrss, from
-``os.wait4``), and spend under 2 s of CPU in ``cli.main`` (the import of jax is not the
-command's work). One format per case runs by default; the other formats are marked slow.
+Each case of :mod:`hostile_checkpoints` is written at test time and converted by ``cli.main`` in a
+child forked from one interpreter that imported kv3d (``kv3d_runner``, :mod:`hostile_harness`),
+which must exit with status 2 after printing exactly one line, ``kv3d convert: error: <file>...``,
+naming the problem (no traceback, no crash by signal), leave no file next to the checkpoint (no
+params, no temporary file), peak at less than 300 MB above an interpreter that only imports the CLI
+(the child's own ru_maxrss, from ``os.wait4``, against a child that does nothing), and spend under
+2 s of CPU in ``cli.main`` (the import of jax is not the command's work). One format per case runs
+by default; the other formats are marked slow.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import hostile_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
-MEMORY_MARGIN_KB = 300 * 1024
+MEMORY_MARGIN_MB = 300
 CPU_SECONDS = 2.0
 # The format each case runs in by default; the others are slow.
 DEFAULT_FORMAT = {
@@ -33,49 +28,6 @@ DEFAULT_FORMAT = {
     "storage-claim": "torch-legacy", "zip-bomb": "torch-zip", "lying-member": "lightning",
     "encrypted": "lightning", "lzma": "torch-zip", "corrupt-deflate": "torch-zip", "non-finite": "torch-legacy",
 }
-_MAIN = """
-import os, sys, time
-from kv3d_jax import cli
-start = time.process_time()
-try:
-    status = cli.main(sys.argv[1:])
-finally:
-    with open(os.environ["KV3D_TEST_CPU_SECONDS"], "w") as f:
-        f.write(repr(time.process_time() - start))
-sys.exit(status)
-"""
-
-
-@dataclasses.dataclass
-class Run:
-    status: int
-    stdout: str
-    stderr: str
-    max_rss_kb: int
-    cpu_seconds: float | None
-
-
-def run_python(code: str, args: list[str], logs: Path, cwd: Path) -> Run:
-    """``python -c code *args`` in ``cwd``, with its exit status, output and peak resident memory."""
-    logs.mkdir(parents=True, exist_ok=True)
-    timing = logs / "cpu_seconds"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               KV3D_TEST_CPU_SECONDS=str(timing), JAX_PLATFORMS="cpu")
-    with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-        child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=cwd, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return Run(child.returncode, (logs / "stdout").read_text(), (logs / "stderr").read_text(),
-               usage.ru_maxrss, float(timing.read_text()) if timing.exists() else None)
-
-
-@pytest.fixture(scope="module")
-def baseline_rss_kb(tmp_path_factory) -> int:
-    """Peak resident memory of an interpreter that imports the CLI and does nothing."""
-    folder = tmp_path_factory.mktemp("baseline")
-    run = run_python("from kv3d_jax import cli", [], folder / "logs", folder)
-    assert run.status == 0, run.stderr
-    return run.max_rss_kb
 
 
 def _cases():
@@ -86,7 +38,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("case, fmt", list(_cases()))
-def test_kv3d_convert_refuses_in_one_line(tmp_path, baseline_rss_kb, case, fmt):
+def test_kv3d_convert_refuses_in_one_line(tmp_path, kv3d_runner, case, fmt):
     folder = tmp_path / "files"
     folder.mkdir()
     checkpoint = folder / "weights.ckpt"
@@ -94,11 +46,10 @@ def test_kv3d_convert_refuses_in_one_line(tmp_path, baseline_rss_kb, case, fmt):
     problem = build(fmt, checkpoint)
     before = sorted(folder.iterdir())
 
-    run = run_python(_MAIN, ["convert", "motionnet", str(checkpoint), "-o", str(folder / "params.msgpack")],
-                     tmp_path / "logs", folder)
+    run = kv3d_runner.run(["convert", "motionnet", checkpoint, "-o", folder / "params.msgpack"], folder,
+                          tmp_path / "logs")
 
-    print(f"{case}-{fmt}: {(run.max_rss_kb - baseline_rss_kb) / 1024:.0f} MB above the interpreter, "
-          f"{run.cpu_seconds} s CPU in cli.main")
+    print(f"{case}-{fmt}: {run.extra_mb:.0f} MB above the interpreter, {run.cpu_seconds} s CPU in cli.main")
     assert run.status == 2, f"exit status {run.status}; stderr: {run.stderr[-2000:]}"
     assert "Traceback" not in run.stderr
     lines = run.stderr.splitlines()
@@ -107,18 +58,29 @@ def test_kv3d_convert_refuses_in_one_line(tmp_path, baseline_rss_kb, case, fmt):
     assert re.search(problem, lines[0]), lines[0]
     assert run.stdout == ""
     assert sorted(folder.iterdir()) == before
-    assert run.max_rss_kb - baseline_rss_kb < MEMORY_MARGIN_KB, (
-        f"peak memory {(run.max_rss_kb - baseline_rss_kb) / 1024:.0f} MB above the interpreter's")
+    assert run.extra_mb < MEMORY_MARGIN_MB, f"peak memory {run.extra_mb:.0f} MB above the interpreter's"
     assert run.cpu_seconds < CPU_SECONDS, f"{run.cpu_seconds:.2f} s"
 
 
-def test_a_valid_checkpoint_converts_in_the_same_harness(tmp_path, baseline_rss_kb):
+def test_a_valid_checkpoint_converts_in_the_same_harness(tmp_path, kv3d_runner):
     """The harness itself: the same command on the intact file succeeds and writes only the params."""
     folder = tmp_path / "files"
     folder.mkdir()
     checkpoint = hostile_checkpoints.save("torch-zip", folder / "weights.ckpt", hostile_checkpoints.motionnet_state())
-    run = run_python(_MAIN, ["convert", "motionnet", str(checkpoint), "-o", str(folder / "params.msgpack")],
-                     tmp_path / "logs", folder)
+    run = kv3d_runner.run(["convert", "motionnet", checkpoint, "-o", folder / "params.msgpack"], folder,
+                          tmp_path / "logs")
     assert run.status == 0, run.stderr
     assert "converted" in run.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["params.msgpack", "weights.ckpt"]
+
+
+def test_the_harness_measures_each_child_alone(tmp_path, kv3d_runner):
+    """A child's peak memory and CPU are its own: 400 MB touched and about 0.3 s of work show as such,
+    and the next child, which does nothing, starts again from the baseline."""
+    grow = "import time\nblock = bytearray(400 << 20)\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    big = kv3d_runner.run([], tmp_path, tmp_path / "big", code=grow)
+    idle = kv3d_runner.run([], tmp_path, tmp_path / "idle", code="pass")
+    assert big.status == 0 and idle.status == 0, big.stderr + idle.stderr
+    assert 390 < big.extra_mb < 450, big.extra_mb
+    assert 0.3 <= big.cpu_seconds < 1.0, big.cpu_seconds
+    assert idle.extra_mb < 20 and idle.cpu_seconds < 0.1, idle

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 from kv3d_jax.models.base import Params, UnknownLayerError, VideoModel
 from kv3d_jax.models import c3d, i3d, inception_i3d, motionnet, torchvision_video, vqvae
+from kv3d_jax.untrusted import escape, quote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +33,15 @@ class Entry:
         keywords of ``build`` the checkpoint describes).
       embedded: ``embedded() -> Path`` of the checkpoint that ships with the package, used when
         no weights are given; None for models whose weights the user must supply.
+      layers: every layer name any config of the model can have, for a model whose layers depend
+        on its config; None: the default architecture's layers are all there are.
     """
 
     build: Callable[..., VideoModel]
     init: Callable[..., Params]
     converter: str
     embedded: Callable[[], Path] | None = None
+    layers: tuple[str, ...] | None = None
 
 
 _REGISTRY: dict[str, Entry] = {
@@ -50,8 +54,15 @@ _REGISTRY: dict[str, Entry] = {
                    functools.partial(torchvision_video.init_params, name),
                    f"converters.torchvision_video:{name.upper()}")
        for name in torchvision_video.NAMES},
-    "videogpt_vqvae": Entry(vqvae.model, vqvae.init_params, "converters.vqvae"),
+    "videogpt_vqvae": Entry(vqvae.model, vqvae.init_params, "converters.vqvae", layers=vqvae.ALL_LAYERS),
 }
+
+
+def _quote_config(config) -> str:
+    """``config`` (maybe read from a file) for a message: its first few settings, each value quoted short."""
+    items = list(dict(config or {}).items())
+    shown = ", ".join(f"{quote(k, 30)}: {quote(v, 40)}" for k, v in items[:6])
+    return "{" + shown + (", ..." if len(items) > 6 else "") + "}"
 
 
 def names() -> tuple[str, ...]:
@@ -64,7 +75,7 @@ def entry(name: str) -> Entry:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(names())}") from None
+        raise ValueError(f"unknown model {quote(name)}; valid models are: {', '.join(names())}") from None
 
 
 def get(name: str, config: Mapping[str, Any] | None = None) -> VideoModel:
@@ -77,7 +88,14 @@ def get(name: str, config: Mapping[str, Any] | None = None) -> VideoModel:
     try:
         return build(**dict(config or {}))
     except TypeError as err:
-        raise ValueError(f"{name} cannot be built with config {dict(config or {})}: {err}") from None
+        raise ValueError(f"{name} cannot be built with config {_quote_config(config)}: {escape(str(err), 200)}") from None
+
+
+def layer_names(name: str) -> frozenset[str]:
+    """Every layer name model ``name`` has in any architecture kv3d builds for it: the vocabulary a
+    layer name read from a file (e.g. a stage-1 ``.npz``) must come from before it names a file."""
+    found = entry(name)
+    return frozenset(found.layers if found.layers is not None else get(name).layers)
 
 
 def init_params(name: str, key, config: Mapping[str, Any] | None = None) -> Params:
@@ -86,7 +104,7 @@ def init_params(name: str, key, config: Mapping[str, Any] | None = None) -> Para
     try:
         return init(key, **dict(config or {}))
     except TypeError as err:
-        raise ValueError(f"{name} cannot be built with config {dict(config or {})}: {err}") from None
+        raise ValueError(f"{name} cannot be built with config {_quote_config(config)}: {escape(str(err), 200)}") from None
 
 
-__all__ = ["Entry", "UnknownLayerError", "VideoModel", "entry", "get", "init_params", "names"]
+__all__ = ["Entry", "UnknownLayerError", "VideoModel", "entry", "get", "init_params", "layer_names", "names"]

@@ -8,6 +8,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from kv3d_jax.untrusted import quote
+
 Params = Any  # Flax variables: {"params": {...}} plus e.g. {"batch_stats": {...}}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,7 +66,7 @@ class VideoModel:
         """Returns ``layer`` if the model has it, else raises naming the valid ones."""
         if layer not in self.layers:
             raise UnknownLayerError(
-                f"{self.name} has no layer {layer!r}; valid layers are: "
+                f"{self.name} has no layer {quote(layer)}; valid layers are: "
                 + ", ".join(self.layers)
             )
         return layer

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from kv3d_jax.models.base import VideoModel
 from kv3d_jax.models.layers import Taps, batch_norm, run_until, same_pad_conv3d
+from kv3d_jax.untrusted import quote
 
 # The UCF-101 checkpoint ``ucf101_stride4x4x4``: VideoGPT's defaults.
 N_HIDDENS = 240
@@ -104,7 +105,20 @@ class VQVAEEncoder(nn.Module):
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int
+
+
+# The largest encoder kv3d builds: beyond every published VideoGPT VQ-VAE (n_hiddens 240, 4 residual
+# layers, downsample at most 4, clips of 16 frames of at most 128x128), bounded so that a
+# checkpoint or params file cannot make kv3d build an encoder or clip it has no memory for.
+MAX_N_HIDDENS = 1024
+MAX_N_RES_LAYERS = 16
+MAX_DOWNSAMPLE = 16
+MAX_SEQUENCE_LENGTH = 64
+MAX_RESOLUTION = 256
+
+# Every layer name an encoder kv3d builds can have (the most residual layers and strided convs).
+ALL_LAYERS = layer_names(MAX_N_RES_LAYERS, (MAX_DOWNSAMPLE,) * 3)
 
 
 def check_config(n_hiddens: int = N_HIDDENS, n_res_layers: int = N_RES_LAYERS, downsample=DOWNSAMPLE,
@@ -112,28 +126,35 @@ def check_config(n_hiddens: int = N_HIDDENS, n_res_layers: int = N_RES_LAYERS, d
     """The encoder's hyper-parameters as a config dict of ints and int lists, if kv3d can build that
     encoder; else a ValueError naming the one it cannot build and why.
 
-    ``downsample`` ``(t, h, w)``: each a power of two, the largest at least 4 (VideoGPT's encoder
-    with one strided conv or none does not run: its ``conv_last`` then expects 3 input channels);
-    ``n_hiddens``: even (the residual blocks halve it and the attention has 2 heads);
-    ``input_shape`` ``(T, H, W)``: the clip size, divisible by ``downsample``.
+    ``downsample`` ``(t, h, w)``: each a power of two of at most :data:`MAX_DOWNSAMPLE`, the largest
+    at least 4 (VideoGPT's encoder with one strided conv or none does not run: its ``conv_last``
+    then expects 3 input channels); ``n_hiddens``: even, at most :data:`MAX_N_HIDDENS` (the
+    residual blocks halve it and the attention has 2 heads); ``n_res_layers``: 0 to
+    :data:`MAX_N_RES_LAYERS`; ``input_shape`` ``(T, H, W)``: the clip size, divisible by
+    ``downsample``, T at most :data:`MAX_SEQUENCE_LENGTH` and H, W at most :data:`MAX_RESOLUTION`.
+    Every value is checked to be a bounded integer before any arithmetic on it.
     """
     downsample, input_shape = (tuple(v) if isinstance(v, (list, tuple)) else (v,) for v in (downsample, input_shape))
-    if not (_is_int(n_hiddens) and n_hiddens >= 2 and n_hiddens % 2 == 0):
-        raise ValueError(f"VideoGPT encoder with n_hiddens={n_hiddens!r}: kv3d builds an even number >= 2 "
-                         "(the residual blocks halve it, the attention splits it over 2 heads)")
-    if not (_is_int(n_res_layers) and n_res_layers >= 0):
-        raise ValueError(f"VideoGPT encoder with n_res_layers={n_res_layers!r}: must be an integer >= 0")
-    if not (len(downsample) == 3 and all(_is_int(d) and d >= 1 and d & (d - 1) == 0 for d in downsample)):
-        raise ValueError(f"VideoGPT encoder with downsample={downsample!r}: kv3d builds three powers of two "
-                         "(time, height, width)")
+    if not (_is_int(n_hiddens) and 2 <= n_hiddens <= MAX_N_HIDDENS and n_hiddens % 2 == 0):
+        raise ValueError(f"VideoGPT encoder with n_hiddens={quote(n_hiddens)}: kv3d builds an even number from 2 to "
+                         f"{MAX_N_HIDDENS} (the residual blocks halve it, the attention splits it over 2 heads)")
+    if not (_is_int(n_res_layers) and 0 <= n_res_layers <= MAX_N_RES_LAYERS):
+        raise ValueError(f"VideoGPT encoder with n_res_layers={quote(n_res_layers)}: must be an integer from 0 to "
+                         f"{MAX_N_RES_LAYERS}")
+    if not (len(downsample) == 3 and all(_is_int(d) and 1 <= d <= MAX_DOWNSAMPLE and d & (d - 1) == 0
+                                         for d in downsample)):
+        raise ValueError(f"VideoGPT encoder with downsample={quote(downsample)}: kv3d builds three powers of two "
+                         f"(time, height, width) of at most {MAX_DOWNSAMPLE}")
     if max(downsample) < 4:
         raise ValueError(f"VideoGPT encoder with downsample={downsample!r}: VideoGPT's encoder needs a factor "
                          "of at least 4 on some axis (with fewer strided convs its conv_last expects 3 input "
                          "channels and it does not run)")
-    if not (len(input_shape) == 3 and all(_is_int(n) and n >= 1 and n % d == 0
-                                          for n, d in zip(input_shape, downsample))):
-        raise ValueError(f"VideoGPT encoder with clips of {input_shape!r} frames x pixels: each must be a "
-                         f"positive multiple of downsample {downsample}")
+    limits = (MAX_SEQUENCE_LENGTH, MAX_RESOLUTION, MAX_RESOLUTION)
+    if not (len(input_shape) == 3 and all(_is_int(n) and 1 <= n <= limit and n % d == 0
+                                          for n, d, limit in zip(input_shape, downsample, limits))):
+        raise ValueError(f"VideoGPT encoder with clips of {quote(input_shape)} frames x pixels: each must be a "
+                         f"positive multiple of downsample {downsample}, with at most {MAX_SEQUENCE_LENGTH} frames "
+                         f"(sequence_length) of at most {MAX_RESOLUTION}x{MAX_RESOLUTION} pixels (resolution)")
     return {"n_hiddens": n_hiddens, "n_res_layers": n_res_layers, "downsample": list(downsample),
             "input_shape": list(input_shape)}
 

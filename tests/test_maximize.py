@@ -1,4 +1,5 @@
-"""Stage 1 end to end: independence of kernels, that it works on C3D, errors, and the CLI."""
+"""Stage 1 end to end: that it works on C3D, errors, and the CLI (independence of kernels from
+their batch and chunks: test_independence)."""
 
 from __future__ import annotations
 
@@ -25,23 +26,6 @@ SMALL_PRESET = dataclasses.replace(PRESETS["native"], shape=SMALL, max_shift=(2,
 def c3d_params():
     # Under jit, XLA drops the forward pass that init runs only to fix shapes.
     return jax.jit(c3d.init_params)(jax.random.PRNGKey(0))
-
-
-def test_kernels_are_independent_of_their_batch(c3d_params):
-    run = lambda channels, **kw: maximize(C3D, c3d_params, "conv2", channels,
-                                              config=preset(SMALL_PRESET, steps=6, chunk=3), **kw)
-    together = run([3, 7])
-    alone = [run([c]) for c in (3, 7)]
-    one_by_one = run([3, 7], batch_size=1)
-    for other in (np.concatenate([r.videos for r in alone]), one_by_one.videos):
-        np.testing.assert_allclose(together.videos, other, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(together.objective, np.concatenate([r.objective for r in alone]), atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(together.channels, [3, 7])
-
-
-def test_chunking_does_not_change_the_result(c3d_params):
-    run = lambda chunk: maximize(C3D, c3d_params, "conv2", [5], config=preset(SMALL_PRESET, steps=6, chunk=chunk))
-    np.testing.assert_allclose(run(6).videos, run(2).videos, atol=1e-5, rtol=0)
 
 
 def test_weighted_objective_with_one_hot_weights_is_the_channel_objective(c3d_params):

@@ -154,15 +154,15 @@ def test_cli_reports_bad_layers_and_missing_weights(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_kernel_keys_depend_on_seed_layer_and_channel_only():
-    assert np.array_equal(pipeline.layer_key(5, "b"), pipeline.layer_key(5, "b"))
-    assert not np.array_equal(pipeline.layer_key(5, "b"), pipeline.layer_key(6, "b"))
-    assert not np.array_equal(pipeline.layer_key(5, "b"), pipeline.layer_key(5, "a"))
-
-
-def test_chunking_does_not_change_results(tmp_path, reference):
-    _sweep(tmp_path, chunk=1)
-    _assert_same_kernels(_kernels(tmp_path), reference)
+def test_every_seed_and_layer_gets_its_own_key():
+    # That a layer's key is the same in another process (a resumed sweep relies on it) is proven by
+    # test_a_killed_sweep_resumes_without_redoing_finished_kernels: kernels from a killed
+    # interpreter equal this one's. That a kernel's result depends on its key and not on its
+    # batch: test_independence; on the channel and the stage: test_a_sweep_stores_every_kernel_...
+    layers = ("a", "b", *motionnet.CONV_LAYERS)
+    keys = {(seed, layer): tuple(np.asarray(jax.random.key_data(pipeline.layer_key(seed, layer))).ravel())
+            for seed in (0, 5, 6) for layer in layers}
+    assert len(set(keys.values())) == len(keys)
 
 
 def test_a_sweep_stores_every_kernel_and_a_gallery_with_local_files_only(tmp_path, reference):

@@ -263,8 +263,9 @@ def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
     # Stage 3 starts from the stored decomposition with the key compute_chunk documents.
     dec = Decomposition(*(jnp.asarray(record[name])[None] for name in ("static", "displacement", "reconstruction")),
                         {}, jnp.zeros((1,)), np.zeros(1, bool))
+    # The refinement config exactly as compute_chunk builds it, so its compiled programs are reused.
     expected = refine(TINY, TINY_PARAMS, "b", dec, [1], key=jax.random.fold_in(pipeline.layer_key(5, "b"), 3),
-                      config=Config(motion="free", steps=4, preset="native"))
+                      config=Config(motion="free", steps=4, preset=preset("native", rectify=False)))
     for name in ("static", "displacement", "video", "objective"):
         np.testing.assert_allclose(record[f"refined_{name}"], np.asarray(getattr(expected, name))[0], atol=1e-5,
                                    rtol=1e-5, err_msg=name)

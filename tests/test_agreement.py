@@ -2,49 +2,58 @@
 
 from __future__ import annotations
 
+import shutil
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kv3d_jax import agreement, cli, tuning, zoo
+from kv3d_jax import agreement, cli, tuning
+from test_tuning import GABOR_MODEL, _motion_gabor
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    return zoo.load("motionnet")
+def _gabor_params(*channels) -> dict:
+    """The hand-built filters of test_tuning, one per ``(kind, direction, gain)`` channel: ``"motion"``
+    a space-time Gabor matched to a grating drifting towards ``direction`` (so that direction is
+    its preferred one), ``"static"`` the same Gabor frozen in time (no preferred direction)."""
+    kernels = []
+    for kind, direction, gain in channels:
+        gabor = _motion_gabor(direction)
+        kernels.append(gain * (gabor if kind == "motion" else np.broadcast_to(gabor[2], gabor.shape)))
+    return {"kernel": jnp.asarray(np.stack(kernels, axis=-1)[:, :, :, None, :], jnp.float32)}
 
 
-def test_a_channel_moving_its_preferred_way_agrees_exactly(default_model):
-    model, params = default_model
-    responses = tuning.grating_responses(model, params, "conv2", agreement.DIRECTIONS, agreement.SPATIAL_FREQS,
-                                         agreement.TEMPORAL_FREQS)
-    truth = tuning.direction_tuning(responses, agreement.DIRECTIONS)
-    channels = [0, 5, 9]
-    stage2 = {c: float(truth.preferred_deg[c]) + (180.0 if c == 9 else 0.0) for c in channels}
-    stage2[11] = float("nan")  # no observable motion: left out
-    reliable = {0: True, 5: False, 9: True, 11: False}
-    rows, median = agreement.layer_agreement(model, params, "conv2", stage2, reliable, min_peak=0.0)
-    selective = [c for c in channels if truth.dsi[c] >= tuning.DS_THRESHOLD]
-    assert [r.channel for r in rows] == selective
-    assert [r.reliable for r in rows] == [reliable[c] for c in selective]
-    expected = {c: (180.0 if c == 9 else 0.0) for c in selective}
-    np.testing.assert_allclose([r.difference_deg for r in rows], [expected[c] for c in selective], atol=1e-3)
-    np.testing.assert_allclose([r.grating_deg for r in rows], truth.preferred_deg[selective])
-    assert median == pytest.approx(np.median([expected[c] for c in selective]), abs=1e-3)
+# Channel c: its construction, and the stage-2 direction a test reports for it.
+CHANNELS = [
+    (("motion", 0.0, 1.0), 10.0),  # 10 degrees off
+    (("motion", 90.0, 1.0), 270.0),  # the opposite way
+    (("motion", 225.0, 1.0), 225.0),  # exactly
+    (("static", 45.0, 1.0), 45.0),  # not direction-selective
+    (("motion", 45.0, 0.05), 45.0),  # selective, but a twentieth of the others' peak
+    (("motion", 135.0, 1.0), float("nan")),  # no observable motion in stage 2
+]
+GABOR_PARAMS = _gabor_params(*(construction for construction, _ in CHANNELS))
+STAGE2 = {c: direction for c, (_, direction) in enumerate(CHANNELS)}
 
 
-def test_only_channels_with_a_tenth_of_the_strongest_peak_count_as_selective(default_model):
-    model, params = default_model
-    responses = tuning.grating_responses(model, params, "conv3", agreement.DIRECTIONS, agreement.SPATIAL_FREQS,
-                                         agreement.TEMPORAL_FREQS)
-    truth = tuning.direction_tuning(responses, agreement.DIRECTIONS)
-    stage2 = {c: float(truth.preferred_deg[c]) for c in range(len(truth.dsi))}
-    strict, _ = agreement.layer_agreement(model, params, "conv3", stage2)
-    loose, _ = agreement.layer_agreement(model, params, "conv3", stage2, min_peak=0.0)
-    strong = truth.peak >= tuning.PEAK_FRACTION * truth.peak.max()
-    assert [r.channel for r in strict] == [c for c in range(len(truth.dsi))
-                                           if truth.dsi[c] >= tuning.DS_THRESHOLD and strong[c]]
-    assert {r.channel for r in strict} < {r.channel for r in loose}
+def test_agreement_compares_the_stage_2_direction_with_a_known_preferred_one():
+    # Ground truth from the filters' construction, not from the tuning code under test.
+    reliable = {0: True, 1: False, 2: True, 3: True, 4: True, 5: False}
+    rows, median = agreement.layer_agreement(GABOR_MODEL, GABOR_PARAMS, "gabor", STAGE2, reliable, min_peak=0.0)
+    assert [r.channel for r in rows] == [0, 1, 2, 4]
+    assert [r.reliable for r in rows] == [True, False, True, True]
+    np.testing.assert_allclose([r.grating_deg for r in rows], [0.0, 90.0, 225.0, 45.0])
+    np.testing.assert_allclose([r.difference_deg for r in rows], [10.0, 180.0, 0.0, 0.0], atol=1e-6)
+    assert median == pytest.approx(5.0)
+
+
+def test_only_channels_with_a_tenth_of_the_strongest_peak_count_as_selective():
+    strict, median = agreement.layer_agreement(GABOR_MODEL, GABOR_PARAMS, "gabor", STAGE2)
+    loose, _ = agreement.layer_agreement(GABOR_MODEL, GABOR_PARAMS, "gabor", STAGE2, min_peak=0.0)
+    assert [r.channel for r in strict] == [0, 1, 2]
+    assert [r.channel for r in loose] == [0, 1, 2, 4]
     assert all(r.reliable is None for r in strict)
+    assert median == pytest.approx(10.0)
 
 
 def test_markdown_reports_reliable_and_unreliable_channels_apart():
@@ -56,26 +65,39 @@ def test_markdown_reports_reliable_and_unreliable_channels_apart():
     assert table.count("| yes |") == 3 and table.count("| no |") == 2
 
 
-def test_cli_reports_on_a_visualize_run(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert cli.main(["visualize", "--layer", "conv1", "--channels", "0-3", "--steps", "2",
-                     "--decompose-steps", "3", "--rectify", "--out", str(out)]) == 0
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Two ``kv3d visualize`` runs of MotionNet conv2 channels 0-1 with the same settings, without
+    and with the refinement (the second compiles only the refinement): ``{"plain", "refined"}``."""
+    folder = tmp_path_factory.mktemp("runs")
+    made = {}
+    for name, extra in (("plain", []), ("refined", ["--refine", "2"])):
+        made[name] = folder / name
+        assert cli.main(["visualize", "--layer", "conv2", "--channels", "0-1", "--steps", "2",
+                         "--decompose-steps", "3", "--out", str(made[name]), *extra]) == 0
+    return made
+
+
+def _copy(run, tmp_path):
+    """A test's own copy of a shared run folder: reports are written into it."""
+    return shutil.copytree(run, tmp_path / run.name)
+
+
+def test_cli_reports_on_a_visualize_run(runs, tmp_path, capsys):
+    out = _copy(runs["plain"], tmp_path)
     capsys.readouterr()
     assert cli.main(["agreement", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     table = (out / "agreement.md").read_text()
     assert printed.startswith(table)
-    assert table.splitlines()[2].startswith("| conv1 |")
+    assert table.splitlines()[2].startswith("| conv2 |")
     assert "kernels are direction-selective" in printed and "of them reliable" in printed
     assert cli.main(["agreement", "--out", str(out), "--min-peak", "2"]) == 2
     assert "--min-peak must be a fraction" in capsys.readouterr().err
 
 
-def test_cli_compares_refined_directions_of_a_refined_run(tmp_path, capsys):
-    plain, refined = tmp_path / "plain", tmp_path / "refined"
-    for out, extra in ((plain, []), (refined, ["--refine", "2"])):
-        assert cli.main(["visualize", "--layer", "conv2", "--channels", "0-1", "--steps", "2",
-                         "--decompose-steps", "3", "--out", str(out), *extra]) == 0
+def test_cli_compares_refined_directions_of_a_refined_run(runs, tmp_path, capsys):
+    plain, refined = _copy(runs["plain"], tmp_path), _copy(runs["refined"], tmp_path)
     capsys.readouterr()
     assert cli.main(["agreement", "--out", str(plain), "--stage", "refined"]) == 2
     assert "was run without the refinement" in capsys.readouterr().err

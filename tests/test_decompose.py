@@ -1,4 +1,5 @@
-"""Stage 2: the SPEC objective against PyTorch, known motion recovered, batch independence."""
+"""Stage 2: the SPEC objective against PyTorch, known motion recovered (batch and chunk
+independence: test_independence)."""
 
 from __future__ import annotations
 
@@ -57,32 +58,61 @@ def _ground_truth_set():
     return np.stack(videos), directions, speeds
 
 
+def _errors(summary, directions, speeds):
+    """Direction errors (deg) and relative speed errors of the moving videos of a summary."""
+    got_dir, got_speed = np.asarray(summary.direction_deg), np.asarray(summary.speed)
+    moving = len(directions)
+    direction_error = np.abs((got_dir[:moving] - directions + 180.0) % 360.0 - 180.0)
+    return direction_error, np.abs(got_speed[:moving] / speeds - 1.0)
+
+
 def test_ground_truth_motion_is_recovered():
-    # The acceptance run, at the defaults (2000 steps): about 3 CPU-minutes.
+    # SPEC §5 at its own size: 16x64x64 textures translating 0.5-2 px/frame in 8 directions, and
+    # a still one. The motion is the initialisation's and is settled within 100 steps (measured:
+    # worst direction error 0.12 deg, speed 1.3 %, the same as at 400 and 2000 steps);
+    # test_default_decomposition_explains_the_fastest_videos checks the default 2000 steps.
     videos, directions, speeds = _ground_truth_set()
-    result = decompose(videos)
+    result = decompose(videos, config=Config(steps=100))
     summary = motion_summary(result, videos)
-    got_dir = np.asarray(summary.direction_deg)[:8]
-    got_speed = np.asarray(summary.speed)
-    direction_error = np.abs((got_dir - directions + 180.0) % 360.0 - 180.0)
-    speed_error = np.abs(got_speed[:8] / speeds - 1.0)
+    direction_error, speed_error = _errors(summary, directions, speeds)
     assert np.median(direction_error) <= 5.0, direction_error
     assert direction_error.max() <= 15.0, direction_error
-    assert speed_error.max() <= 0.10, got_speed
-    assert got_speed[8] < 0.05, got_speed
-    # PSNR. Content that enters through the border during the clip (up to 30 px at
-    # 2 px/frame) is in no H×W static image: the exact decomposition (frame 0 moved at the
-    # true velocity) reaches only 20-25 dB at 1-2 px/frame. The decomposition must explain
-    # the whole video to 30 dB, the part a static can explain at all better still.
+    assert speed_error.max() <= 0.10, summary.speed
+    assert np.asarray(summary.speed)[8] < 0.05, summary.speed
+    # What a static of the frame's size can explain at all (the pixels whose content was in
+    # view at frame 0) is explained to 30 dB already (49-70 dB measured).
+    explained = np.asarray(psnr(result.reconstruction, videos, where=inside(result.displacement)))
+    assert explained.min() >= 30.0, explained
+
+
+@pytest.mark.slow
+def test_default_decomposition_explains_the_fastest_videos():
+    # The README's claim at the default 2000 steps: each video explained to 30 dB PSNR. Content
+    # that enters through the border during the clip (up to 30 px at 2 px/frame) is in no H×W
+    # static image, so the fastest videos are the hardest: the exact decomposition (frame 0 moved
+    # at the true velocity) reaches only 20-25 dB at 1-2 px/frame, and the decomposition's PSNR
+    # falls with speed (measured after 100 and after 400 steps: the 2 px/frame videos lowest,
+    # 26.9-30.0 dB, then 1.75 px/frame; every slower one higher). Those three (the videos are
+    # independent problems, test_independence) and the still one, at the defaults, with the
+    # motion checks again.
+    videos, directions, speeds = _ground_truth_set()
+    chosen = [1, 6, 7, 8]
+    videos, directions, speeds = videos[chosen], directions[chosen[:3]], speeds[chosen[:3]]
+    result = decompose(videos)
+    summary = motion_summary(result, videos)
+    direction_error, speed_error = _errors(summary, directions, speeds)
+    assert direction_error.max() <= 15.0 and np.median(direction_error) <= 5.0, direction_error
+    assert speed_error.max() <= 0.10, summary.speed
+    assert np.asarray(summary.speed)[3] < 0.05, summary.speed
     whole = np.asarray(summary.psnr)
     explained = np.asarray(psnr(result.reconstruction, videos, where=inside(result.displacement)))
     true_velocity = np.array([velocity_from_direction(d, s) for d, s in zip(directions, speeds)] + [(0.0, 0.0)])
     true_displacement = -np.arange(16)[None, :, None, None, None] * true_velocity[:, None, None, None, :]
-    exact = warp_batch(jnp.asarray(videos[:, 0]), jnp.broadcast_to(true_displacement, (9, 16, 64, 64, 2)))
+    exact = warp_batch(jnp.asarray(videos[:, 0]), jnp.broadcast_to(true_displacement, (4, 16, 64, 64, 2)))
     exact_psnr = np.asarray(psnr(exact, videos))
     assert whole.min() >= 30.0, whole
     assert explained.min() >= 30.0, explained
-    assert (whole[:8] >= exact_psnr[:8] + 3.0).all(), (whole, exact_psnr)
+    assert (whole[:3] >= exact_psnr[:3] + 3.0).all(), (whole, exact_psnr)
 
 
 def test_initial_displacement_follows_a_translation():
@@ -101,38 +131,14 @@ def _pair():
     return np.stack([a, b])
 
 
-def _assert_same(x, y):
-    for name in ("static", "displacement", "reconstruction", "psnr"):
-        np.testing.assert_allclose(np.asarray(getattr(x, name)), np.asarray(getattr(y, name)), atol=1e-5, err_msg=name)
-
-
-def test_batch_independence_with_per_video_keys():
-    videos = _pair()
-    keys = jax.random.split(jax.random.key(7), 2)
-    together = decompose(videos, config=Config(steps=20), key=keys)
-    alone = [decompose(videos[i : i + 1], config=Config(steps=20), key=keys[i : i + 1]) for i in range(2)]
-    for i in range(2):
-        _assert_same(jax.tree.map(lambda x: x[i : i + 1], together), alone[i])
-
-
-def test_single_key_with_ids_is_batch_independent_and_keys_matter():
-    videos = _pair()
-    key = jax.random.key(3)
-    together = decompose(videos, [10, 11], config=Config(steps=5), key=key)
-    second = decompose(videos[1:], [11], config=Config(steps=5), key=key)
-    _assert_same(jax.tree.map(lambda x: x[1:], together), second)
-    other = decompose(videos[1:], [12], config=Config(steps=5), key=key)
-    assert np.abs(np.asarray(other.static) - np.asarray(second.static)).max() > 1e-4
-
-
-def test_progress_is_reported_after_each_chunk_and_chunking_changes_nothing():
+def test_progress_is_reported_after_each_chunk():
+    # That chunking changes no result: test_independence.test_chunking_does_not_change_the_result.
     videos = _pair()
     calls = []
-    chunked = decompose(videos, config=Config(steps=5, chunk=2), callback=lambda *call: calls.append(call))
+    decompose(videos, config=Config(steps=5, chunk=2), callback=lambda *call: calls.append(call))
     assert [call[:2] for call in calls] == [(2, 5), (4, 5), (5, 5)]
     # The metric is the mean loss of the batch's last step: positive, and falling.
     assert all(call[2] > 0 for call in calls) and calls[-1][2] < calls[0][2]
-    _assert_same(chunked, decompose(videos, config=Config(steps=5)))
 
 
 def test_result_is_in_the_input_units():
@@ -178,7 +184,7 @@ def test_a_non_finite_video_fails_alone():
     videos = _pair()
     broken = videos.copy()
     broken[0, 2, 5, 7, 1] = np.nan
-    config = Config(steps=10)
+    config = Config(steps=5, chunk=2)  # test_progress_is_reported_after_each_chunk's programs
     clean, spoiled = decompose(videos, config=config), decompose(broken, config=config)
     np.testing.assert_array_equal(clean.failed, [False, False])
     np.testing.assert_array_equal(spoiled.failed, [True, False])

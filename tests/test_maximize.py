@@ -1,4 +1,5 @@
-"""Stage 1 end to end: independence of kernels, that it works on C3D, errors, and the CLI."""
+"""Stage 1 end to end: that it works on C3D, errors, and the CLI (independence of kernels from
+their batch and chunks: test_independence)."""
 
 from __future__ import annotations
 
@@ -27,23 +28,6 @@ def c3d_params():
     return jax.jit(c3d.init_params)(jax.random.PRNGKey(0))
 
 
-def test_kernels_are_independent_of_their_batch(c3d_params):
-    run = lambda channels, **kw: maximize(C3D, c3d_params, "conv2", channels,
-                                              config=preset(SMALL_PRESET, steps=6, chunk=3), **kw)
-    together = run([3, 7])
-    alone = [run([c]) for c in (3, 7)]
-    one_by_one = run([3, 7], batch_size=1)
-    for other in (np.concatenate([r.videos for r in alone]), one_by_one.videos):
-        np.testing.assert_allclose(together.videos, other, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(together.objective, np.concatenate([r.objective for r in alone]), atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(together.channels, [3, 7])
-
-
-def test_chunking_does_not_change_the_result(c3d_params):
-    run = lambda chunk: maximize(C3D, c3d_params, "conv2", [5], config=preset(SMALL_PRESET, steps=6, chunk=chunk))
-    np.testing.assert_allclose(run(6).videos, run(2).videos, atol=1e-5, rtol=0)
-
-
 def test_weighted_objective_with_one_hot_weights_is_the_channel_objective(c3d_params):
     by_channel = maximize(C3D, c3d_params, "conv2", [0, 1], config=preset(SMALL_PRESET, steps=3))
     by_weights = maximize(C3D, c3d_params, "conv2", weights=np.eye(128)[:2],
@@ -62,7 +46,9 @@ def layer_responses(params, layer, videos) -> np.ndarray:
 @pytest.mark.parametrize("layer", C3D.layers)
 def test_optimised_videos_excite_their_own_channel(c3d_params, layer):
     channels = [0, 1]
-    result = maximize(C3D, c3d_params, layer, channels, config=preset(SMALL_PRESET, steps=20))
+    # Unrolled chunks of 2 steps and one asked-for batch: the cheapest programs to compile (a
+    # 10-step C3D chunk took 3 times as long); chunking changes no result (test_independence).
+    result = maximize(C3D, c3d_params, layer, channels, config=preset(SMALL_PRESET, steps=20, chunk=2), batch_size=2)
     # Random videos: the starting distribution, min–max normalised like the results.
     init = parameterizations.get("pixel").init
     keys = jax.random.split(jax.random.PRNGKey(1), 8)
@@ -99,8 +85,9 @@ def test_result_videos_are_minmax_normalised(c3d_params):
 
 
 def test_fourier_parameterization_optimises(c3d_params):
-    result = maximize(C3D, c3d_params, "conv2", [4], config=preset(SMALL_PRESET, steps=10, parameterization="fourier"))
-    start = maximize(C3D, c3d_params, "conv2", [4], config=preset(SMALL_PRESET, steps=1, parameterization="fourier"))
+    run = lambda steps: maximize(C3D, c3d_params, "conv2", [4], batch_size=1,
+                                 config=preset(SMALL_PRESET, steps=steps, chunk=1, parameterization="fourier"))
+    result, start = run(10), run(1)
     assert result.objective[0] > start.objective[0]
     with pytest.raises(ValueError, match="even width"):
         parameterizations.fourier_init(jax.random.PRNGKey(0), (4, 6, 7))

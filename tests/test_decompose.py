@@ -91,28 +91,28 @@ def test_default_decomposition_explains_the_fastest_videos():
     # that enters through the border during the clip (up to 30 px at 2 px/frame) is in no H×W
     # static image, so the fastest videos are the hardest: the exact decomposition (frame 0 moved
     # at the true velocity) reaches only 20-25 dB at 1-2 px/frame, and the decomposition's PSNR
-    # falls with speed (measured after 100 and after 400 steps: the 2 px/frame videos lowest,
-    # 26.9-30.0 dB, then 1.75 px/frame; every slower one higher). Those three (the videos are
-    # independent problems, test_independence) and the still one, at the defaults, with the
-    # motion checks again.
+    # falls with speed (measured after 100 and after 400 steps: the two 2 px/frame videos lowest,
+    # 26.9-30.0 dB; every slower one higher). Those two, at the defaults, with the motion checks
+    # again; the videos are independent problems (test_independence), and each costs 2000 steps
+    # (about 40 s on 2 cores), so the slower ones and the still one are left to
+    # test_ground_truth_motion_is_recovered.
     videos, directions, speeds = _ground_truth_set()
-    chosen = [1, 6, 7, 8]
-    videos, directions, speeds = videos[chosen], directions[chosen[:3]], speeds[chosen[:3]]
+    chosen = [1, 7]
+    videos, directions, speeds = videos[chosen], directions[chosen], speeds[chosen]
     result = decompose(videos)
     summary = motion_summary(result, videos)
     direction_error, speed_error = _errors(summary, directions, speeds)
-    assert direction_error.max() <= 15.0 and np.median(direction_error) <= 5.0, direction_error
+    assert direction_error.max() <= 5.0, direction_error
     assert speed_error.max() <= 0.10, summary.speed
-    assert np.asarray(summary.speed)[3] < 0.05, summary.speed
     whole = np.asarray(summary.psnr)
     explained = np.asarray(psnr(result.reconstruction, videos, where=inside(result.displacement)))
-    true_velocity = np.array([velocity_from_direction(d, s) for d, s in zip(directions, speeds)] + [(0.0, 0.0)])
+    true_velocity = np.array([velocity_from_direction(d, s) for d, s in zip(directions, speeds)])
     true_displacement = -np.arange(16)[None, :, None, None, None] * true_velocity[:, None, None, None, :]
-    exact = warp_batch(jnp.asarray(videos[:, 0]), jnp.broadcast_to(true_displacement, (4, 16, 64, 64, 2)))
+    exact = warp_batch(jnp.asarray(videos[:, 0]), jnp.broadcast_to(true_displacement, (2, 16, 64, 64, 2)))
     exact_psnr = np.asarray(psnr(exact, videos))
     assert whole.min() >= 30.0, whole
     assert explained.min() >= 30.0, explained
-    assert (whole[:3] >= exact_psnr[:3] + 3.0).all(), (whole, exact_psnr)
+    assert (whole >= exact_psnr + 3.0).all(), (whole, exact_psnr)
 
 
 def test_initial_displacement_follows_a_translation():

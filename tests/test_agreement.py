@@ -83,6 +83,7 @@ def _copy(run, tmp_path):
     return shutil.copytree(run, tmp_path / run.name)
 
 
+@pytest.mark.slow
 def test_cli_reports_on_a_visualize_run(runs, tmp_path, capsys):
     out = _copy(runs["plain"], tmp_path)
     capsys.readouterr()
@@ -96,6 +97,7 @@ def test_cli_reports_on_a_visualize_run(runs, tmp_path, capsys):
     assert "--min-peak must be a fraction" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_compares_refined_directions_of_a_refined_run(runs, tmp_path, capsys):
     plain, refined = _copy(runs["plain"], tmp_path), _copy(runs["refined"], tmp_path)
     capsys.readouterr()

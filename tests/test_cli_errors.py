@@ -202,6 +202,7 @@ SMALL_RUN = ["visualize", "--layer", "conv1", "--channels", "0-1", "--steps", "2
              "--chunk", "2"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_visualize_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     # Every picture, GIF or PNG, is written by Pillow.
     real = writers.Image.Image.save
@@ -220,6 +221,7 @@ def test_a_full_disk_during_visualize_is_one_line_and_leaves_no_temporary_file(t
     assert temp_files(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_resumed_run_removes_what_a_killed_run_left_in_every_folder(tmp_path):
     out = tmp_path / "run"
     assert run([*SMALL_RUN, "--out", out])[0] == 0

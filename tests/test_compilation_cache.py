@@ -57,6 +57,7 @@ def test_a_second_run_reads_every_program_back_and_gives_the_same_results(tmp_pa
             np.testing.assert_array_equal(a[name][array], b[name][array], err_msg=f"{name}: {array}")
 
 
+@pytest.mark.slow
 def test_a_cache_folder_that_cannot_be_made_is_reported_and_the_job_compiles(tmp_path):
     blocker = tmp_path / "a file"
     blocker.write_text("not a folder")
@@ -69,6 +70,7 @@ def test_a_cache_folder_that_cannot_be_made_is_reported_and_the_job_compiles(tmp
     assert counts["hits"] == 0 and (tmp_path / "out" / "index.html").is_file()
 
 
+@pytest.mark.slow
 def test_jax_own_switch_turns_the_cache_off(tmp_path):
     cache = tmp_path / "cache"
     counts, _ = kv3d([*JOB, "--steps", "1", "--decompose-steps", "1", "--out", tmp_path / "out"],

@@ -66,6 +66,7 @@ def _errors(summary, directions, speeds):
     return direction_error, np.abs(got_speed[:moving] / speeds - 1.0)
 
 
+@pytest.mark.slow
 def test_ground_truth_motion_is_recovered():
     # SPEC §5 at its own size: 16x64x64 textures translating 0.5-2 px/frame in 8 directions, and
     # a still one. The motion is the initialisation's and is settled within 100 steps (measured:

@@ -104,6 +104,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_write_every_kernel_once(tmp_path):
     weights = tmp_path / "motionnet.msgpack"
     params_io.save(weights, zoo.load("motionnet")[1])
@@ -158,6 +159,7 @@ def _budget_for(problem, params, targets, length: int, kernels: int) -> int:
     return int(one + (kernels - 1) * (two - one) + (two - one) // 2)
 
 
+@pytest.mark.slow
 def test_a_memory_budget_splits_the_kernels_into_batches_with_the_same_results():
     model, params = models.get("motionnet"), motionnet.init_params(jax.random.PRNGKey(0))
     config = maximization.preset("native", steps=2, shape=SMALL)

@@ -22,6 +22,7 @@ def _spoiled(params, layer: str, channel: int):
     return broken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer, channels, bad", [("conv1", [0, 1, 2], 1), ("conv3", [4, 5, 6, 7], 6)])
 def test_nan_weights_of_one_channel_change_no_other_channel(layer, channels, bad):
     model, params = zoo.load("motionnet")

@@ -91,6 +91,12 @@ def _refine_from_noise(index, steps, chunk, **kw):
 STAGES = {"maximize": _maximize, "decompose": _decompose, "refine": _refine, "refine from noise": _refine_from_noise}
 
 
+def _stages(names) -> list:
+    """``names`` as pytest parameters, the refinement's marked slow: it compiles the longest
+    programs, and the quick loop keeps each property on stage 1 and stage 2."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name.startswith("refine") else name for name in names]
+
+
 def _assert_same(a: dict, b: dict, what: str) -> None:
     for name in a:
         np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), atol=1e-5, rtol=1e-5,
@@ -132,7 +138,7 @@ def _check_batch_independence(stage: str, keys: str, both: dict) -> None:
 
 
 @pytest.mark.parametrize("keys", ["one", "per kernel"])
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", _stages(STAGES))
 def test_a_kernels_result_does_not_depend_on_its_batch(stage, keys, together):
     both = _together(together, stage, keys)
     _check_batch_independence(stage, keys, both)
@@ -141,13 +147,13 @@ def test_a_kernels_result_does_not_depend_on_its_batch(stage, keys, together):
 
 
 # Refine from noise steps as refine does: only its start differs, and the start is not chunked.
-@pytest.mark.parametrize("stage", ["maximize", "decompose", "refine"])
+@pytest.mark.parametrize("stage", _stages(["maximize", "decompose", "refine"]))
 def test_chunking_does_not_change_the_result(stage, together):
     # Chunks of 2 and 1 against three of 1.
     _assert_same(_together(together, stage, "one"), _run(stage, [0, 1], chunk=1), "chunks of 1")
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", _stages(STAGES))
 def test_the_kernels_key_reaches_its_result(stage):
     # The independence above is not an artefact of keys that nothing reads.
     first, other = _run(stage, [0]), _run(stage, [0], key=jax.random.key(8))
@@ -167,7 +173,7 @@ def test_kernel_keys_fold_each_id_into_the_key():
     assert float(np.abs(np.asarray(first.static) - np.asarray(other.static)).max()) > 1e-4
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", _stages(STAGES))
 def test_the_batch_check_fails_when_keys_follow_the_batch_position(stage, monkeypatch):
     derive = runner.kernel_keys
 

@@ -28,6 +28,7 @@ def c3d_params():
     return jax.jit(c3d.init_params)(jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_weighted_objective_with_one_hot_weights_is_the_channel_objective(c3d_params):
     by_channel = maximize(C3D, c3d_params, "conv2", [0, 1], config=preset(SMALL_PRESET, steps=3))
     by_weights = maximize(C3D, c3d_params, "conv2", weights=np.eye(128)[:2],
@@ -43,7 +44,8 @@ def layer_responses(params, layer, videos) -> np.ndarray:
 
 
 @pytest.mark.filterwarnings("ignore:the channel objective on c3d conv1 is linear")
-@pytest.mark.parametrize("layer", C3D.layers)
+@pytest.mark.parametrize("layer", [pytest.param(layer, marks=pytest.mark.slow) if layer >= "conv4" else layer
+                                   for layer in C3D.layers])
 def test_optimised_videos_excite_their_own_channel(c3d_params, layer):
     channels = [0, 1]
     # Unrolled chunks of 2 steps and one asked-for batch: the cheapest programs to compile (a
@@ -65,6 +67,7 @@ def test_optimised_videos_excite_their_own_channel(c3d_params, layer):
         assert act[i, i] > act[others, i].max(), f"{layer}: another video excites channel {i} more"
 
 
+@pytest.mark.slow
 def test_linear_objective_warns_and_says_so(c3d_params):
     with pytest.warns(UserWarning, match="linear in the input.*flat colour"):
         result = maximize(C3D, c3d_params, "conv1", [0], config=preset(SMALL_PRESET, steps=1))
@@ -128,6 +131,7 @@ def test_preset_names_unknown_settings():
         preset("native", stepz=3)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_gif_per_kernel_and_an_npz(c3d_params_files, tmp_path, capsys):
     params_file = c3d_params_files["torch-zip"][0]
     argv = ["maximize", "--model", "c3d", "--weights", str(params_file), "--layer", "conv1",

@@ -167,6 +167,7 @@ def test_every_seed_and_layer_gets_its_own_key():
     assert len(set(keys.values())) == len(keys)
 
 
+@pytest.mark.slow
 def test_a_sweep_stores_every_kernel_and_a_gallery_with_local_files_only(tmp_path, reference):
     index, log = _sweep(tmp_path, channels="0-3")
     assert index == tmp_path / "index.html"
@@ -199,6 +200,7 @@ def test_a_sweep_stores_every_kernel_and_a_gallery_with_local_files_only(tmp_pat
                                                             "tiny_b_statics.png", "tiny_b_motion.png"}
 
 
+@pytest.mark.slow
 def test_linear_layers_are_rectified_and_every_record_says_how_far_to_trust_it(tmp_path):
     assert SETTINGS.rectified(TINY, "a") and not SETTINGS.rectified(TINY, "b")
     assert not dataclasses.replace(SETTINGS, rectify_linear=False).rectified(TINY, "a")
@@ -238,6 +240,7 @@ def _links(page: Path) -> list[str]:
     return parser.found
 
 
+@pytest.mark.slow
 def test_a_resumed_sweep_computes_only_missing_kernels(tmp_path, reference):
     _sweep(tmp_path, channels="0,2,5,7")
     before = _stats(tmp_path)
@@ -250,6 +253,7 @@ def test_a_resumed_sweep_computes_only_missing_kernels(tmp_path, reference):
     assert _stats(tmp_path) == done
 
 
+@pytest.mark.slow
 def test_a_run_folder_with_other_settings_is_refused(tmp_path):
     _sweep(tmp_path, channels="0-3")
     with pytest.raises(StoreError, match="steps: 4 there, 5 now.*Use another run folder"):
@@ -261,6 +265,7 @@ def test_a_run_folder_with_other_settings_is_refused(tmp_path):
         pipeline.visualize(TINY, other, ["b"], "0-3", tmp_path, SETTINGS, 3)
 
 
+@pytest.mark.slow
 def test_corrupt_kernel_files_are_quarantined_and_recomputed(tmp_path, reference):
     _sweep(tmp_path, channels="0-3")
     folder = tmp_path / "kernels" / "b"
@@ -283,6 +288,7 @@ def test_corrupt_kernel_files_are_quarantined_and_recomputed(tmp_path, reference
     _assert_same_kernels(_kernels(tmp_path), {c: reference[c] for c in range(4)})
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_finished_kernels(tmp_path, reference):
     folder = tmp_path / "kernels" / "b"
     # The script below writes kernels one by one (chunks of 1), each a few tenths of a second apart.

@@ -166,6 +166,7 @@ def test_the_start_reproduces_the_decomposition():
     np.testing.assert_allclose(np.asarray(video), lo + (hi - lo) * np.asarray(dec.reconstruction), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_regularisers_smooth_the_static_and_the_motion():
     dec = _translating(2)
     # Chunks of 2 steps and one batch asked for: the cheapest programs to compile.
@@ -177,6 +178,7 @@ def test_regularisers_smooth_the_static_and_the_motion():
     assert np.all(np.asarray(free.objective) > np.asarray(smooth.objective))
 
 
+@pytest.mark.slow
 def test_refinement_reads_like_a_decomposition(tmp_path):
     dec = _translating(2)
     result = refine(TINY, TINY_PARAMS, "b", dec, [0, 5], config=Config(steps=2, preset=SMALL_PRESET), batch_size=2)
@@ -224,6 +226,7 @@ def test_bad_arguments_are_named(kwargs, message):
 # Compiling is most of the cost: the optimisers run in unrolled chunks of 2 steps (a 10-step C3D
 # chunk took 9.0 CPU s to compile, 2 steps 2.8 s; chunking changes no result, test_independence),
 # and one batch of both channels is asked for, which spares the compiles that size a batch.
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["conv2", "conv3b"])
 def test_refined_c3d_kernels_keep_their_objective_and_their_motion(c3d_params, layer):
     channels, steps = [0, 1], 20
@@ -250,6 +253,7 @@ def test_refined_c3d_kernels_keep_their_objective_and_their_motion(c3d_params, l
     assert np.all(change < 45.0), f"directions {was.field_direction_deg} -> {now.field_direction_deg}"
 
 
+@pytest.mark.slow
 def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
     assert build_parser().parse_args(["visualize", "--refine"]).refine == DEFAULT_STEPS
     assert build_parser().parse_args(["visualize", "--refine", "7"]).refine == 7

@@ -91,6 +91,7 @@ def _run_cli(*argv):
     return status, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_decomposes_a_folder_of_gifs(tmp_path):
     source = tmp_path / "in"
     for name, direction in (("left_stage1", 180.0), ("up", 90.0)):

@@ -8,6 +8,12 @@
 * ``flops``: XLA's FLOPs of one stage-1 step of one kernel through each block output (the stem
   convolutions and every ``Mixed_*``) at the native 16x112x112 and at the paper preset's
   32x224x224, and of one stage-2 step of one 16x112x112 video: what a sweep costs.
+* ``shares RUN_DIR``: for each layer of a ``kv3d visualize`` run folder, how many kernels are
+  alive (not ``dead``), reliable, and aliased, with the median gain over random videos, share
+  of frame change the translation explains, and PSNR.
+* ``selective LAYER...``: every channel of each LAYER under kv3d agreement's drifting gratings
+  (its grid, at the model's native clip): how many are direction-selective, and the 16 with the
+  largest DSI among them, for ``--channels``.
 * ``stage2 LAYER STEPS...``: stage 2 on those videos for each step count, printing the seconds
   per step per kernel, the reconstruction PSNR and the dominant direction, so that the step
   count where the read-out stops changing can be seen.
@@ -15,6 +21,8 @@
 usage: python scripts/measure_i3d.py stage1 Mixed_3b 300 0,40,80
        python scripts/measure_i3d.py stage2 Mixed_3b 100 300 1000
        python scripts/measure_i3d.py flops
+       python scripts/measure_i3d.py shares kv3d_i3d
+       python scripts/measure_i3d.py selective Conv3d_1a_7x7 Conv3d_2c_3x3 Mixed_3b
 """
 import sys
 import time
@@ -23,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kv3d_jax import decomposition, zoo
+from kv3d_jax import agreement, decomposition, pipeline, tuning, zoo
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import maximize, preset
 from kv3d_jax.motion import motion_summary
+from kv3d_jax.store import Store, params_checksum
 
 
 def stage1(layer, steps, channels):
@@ -102,11 +111,45 @@ def stage2(layer, step_counts):
               f"explained {np.round(np.asarray(summary.explained), 2).tolist()}", flush=True)
 
 
+def selective(layers):
+    model, params = zoo.load("inception_i3d")
+    for layer in layers:
+        responses = tuning.grating_responses(model, params, layer, agreement.DIRECTIONS, agreement.SPATIAL_FREQS,
+                                             agreement.TEMPORAL_FREQS)
+        result = tuning.direction_tuning(responses, agreement.DIRECTIONS)
+        ds = np.flatnonzero(tuning.direction_selective(result))
+        top = sorted(ds[np.argsort(-result.dsi[ds])][:16].tolist())
+        print(f"{layer}: {ds.size} of {result.dsi.size} channels direction-selective; the 16 most: "
+              f"{','.join(map(str, top))}", flush=True)
+
+
+def shares(run_dir):
+    settings = agreement.run_settings(run_dir)
+    model, params = zoo.load(settings.model)
+    with Store.open(run_dir, pipeline.run_config(model, settings), params_checksum(params)) as store:
+        for layer in [layer for layer in model.layers if layer in store.layers()]:
+            schema = pipeline.kernel_schema(pipeline.video_shape(model, settings), settings.refine_steps > 0)
+            records = {c: store.read(layer, c, schema) for c in sorted(store.audit(layer, schema).done)}
+            field = lambda name: np.asarray([float(r[name]) for r in records.values()])
+            n, dead, reliable = len(records), field("dead").astype(bool), field("reliable").astype(bool)
+            print(f"{layer}: {n} kernels, {n - dead.sum()} alive, {reliable.sum()} reliable, "
+                  f"{int(field('aliased').sum())} aliased; median gain {np.median(field('gain')):.1f}, "
+                  f"explained {np.median(field('explained')):.2f}, PSNR {np.median(field('psnr')):.1f} dB, "
+                  f"reliability {np.median(field('reliability')):.2f}")
+            print("  per kernel (channel: reliability, gain, explained, direction, speed):",
+                  "; ".join(f"{c}: {float(r['reliability']):.2f} {float(r['gain']):.0f} {float(r['explained']):.2f} "
+                            f"{float(r['direction_deg']):.0f} {float(r['speed']):.2f}" for c, r in records.items()))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "stage1":
         stage1(sys.argv[2], int(sys.argv[3]), [int(c) for c in sys.argv[4].split(",")])
     elif sys.argv[1] == "flops":
         sweep_flops()
+    elif sys.argv[1] == "selective":
+        selective(sys.argv[2:])
+    elif sys.argv[1] == "shares":
+        shares(sys.argv[2])
     elif sys.argv[1] == "stage2":
         stage2(sys.argv[2], [int(s) for s in sys.argv[3:]])
     else:

@@ -1,9 +1,10 @@
 """Stage-1 speed side by side: the reference-faithful PyTorch loop, a strong PyTorch baseline, kv3d_jax.
 
 All three run in one process on the same model (``--model c3d``: C3D with one set of random
-weights, a PyTorch init converted for JAX; ``--model inception_i3d``: DeepMind's real Kinetics-400
-I3D, the weights kv3d reads from the ``i3d`` extra, given to piergiaj's PyTorch architecture,
-``tests/inception_i3d_torch.py``, through ``converters.inception_i3d.piergiaj_state``), layer and the paper preset (SPEC §2, which the PyTorch
+weights, a PyTorch init converted for JAX; ``--model inception_i3d``: DeepMind's real
+Kinetics-400 I3D, the weights kv3d reads from the ``i3d`` extra, given to piergiaj's PyTorch
+architecture, ``tests/inception_i3d_torch.py``, through
+``converters.inception_i3d.piergiaj_state``), layer and the paper preset (SPEC §2, which the PyTorch
 baselines implement), with as many threads as the machine has cores (XLA's CPU client uses one per core; PyTorch is set to match). For each K:
 
 1. ``reference``: :func:`torch_baselines.reference_faithful`, the reference's loop over
@@ -19,7 +20,7 @@ of the tapped layer (what both PyTorch baselines compute, before the reference's
 gradients); achieved FLOP/s divides each program's own count by its time.
 
     python benchmarks/compare.py --layer conv1 --kernels 1,4 --steps 3
-    python benchmarks/compare.py --model inception_i3d --layer Mixed_4f --kernels 4 --steps 2 --no-reference
+    python benchmarks/compare.py --model inception_i3d --layer Mixed_4f --kernels 1 --steps 2 --no-reference
 """
 
 from __future__ import annotations
@@ -97,13 +98,14 @@ def compare(layer: str, kernels: list[int], steps: int, compute_dtype: str = "fl
         ours = kv3d_step(model, params, layer, config, k, steps, DTYPES[compute_dtype])
         strong = torch_baselines.strong(torch_model, layer, [c % channels for c in range(k)], steps)
         rows.append({"k": k, "reference": ref, "strong": strong, **ours})
-    return {"model": model_name, "layer": layer, "preset": "paper", "steps": steps, "compute_dtype": compute_dtype,
-            "machine": machine(), "rows": rows}
+    return {"model": model_name, "layer": layer, "preset": "paper", "steps": steps,
+            "compute_dtype": compute_dtype, "machine": machine(), "rows": rows}
 
 
 def report(results: dict) -> str:
     """The measurements as a plain-text table."""
-    lines = [f"{results.get('model', 'c3d')} {results['layer']}, preset {results['preset']}, {results['steps']} timed steps, "
+    lines = [f"{results.get('model', 'c3d')} {results['layer']}, preset {results['preset']}, "
+             f"{results['steps']} timed steps, "
              f"{results['compute_dtype']}; {results['machine']}",
              f"{'K':>4} {'reference':>10} {'strong':>8} {'kv3d':>8} {'kv3d/ref':>9} {'kv3d/strong':>12} "
              f"{'compile s':>10} {'GFLOP/kstep':>12} {'conv. GFLOP':>12} {'kv3d GFLOP/s':>13} {'strong GFLOP/s':>15}"]

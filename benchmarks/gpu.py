@@ -1,6 +1,8 @@
-"""Stage-1 speed on one accelerator: kv3d_jax beside both PyTorch baselines, C3D at the paper preset.
+"""Stage-1 speed on one accelerator: kv3d_jax beside both PyTorch baselines, at the paper preset.
 
-For C3D conv1, conv3b and conv5b (random weights, one PyTorch init converted for JAX):
+For C3D conv1, conv3b and conv5b (random weights, one PyTorch init converted for JAX), or with
+``--model inception_i3d`` for DeepMind's real Kinetics-400 I3D at Conv3d_2c_3x3 and Mixed_4f (the
+``i3d`` extra's weights, in PyTorch through piergiaj's architecture):
 
 * kv3d_jax with K = 1, 64 and every channel of the layer (in batches sized from XLA's
   memory analysis to 70 % of device memory): kernel-steps/s, compile time, XLA's FLOPs per
@@ -13,6 +15,7 @@ once ``--budget-s`` seconds have passed, so one command finishes in under 5 minu
 
     python benchmarks/gpu.py --out gpu_results.json
     python benchmarks/gpu.py --smoke --out smoke.json    # tiny sizes on any machine, to test the script
+    python benchmarks/gpu.py --model inception_i3d --out gpu_i3d.json
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from kv3d_jax.maximization import PRESETS  # noqa: E402
 from kv3d_jax.models import c3d  # noqa: E402
 from kv3d_timing import kv3d_layer, kv3d_step  # noqa: E402
 
-LAYERS = ("conv1", "conv3b", "conv5b")
+LAYERS = {"c3d": ("conv1", "conv3b", "conv5b"), "inception_i3d": ("Conv3d_2c_3x3", "Mixed_4f")}
 # Dense tensor-core peaks in TFLOP/s: XLA and cuDNN run float32 convolutions as TF32.
 PEAK_TFLOPS = {"H200": {"float32": 494.7, "bfloat16": 989.4}, "H100": {"float32": 494.7, "bfloat16": 989.4},
                "A100": {"float32": 156.0, "bfloat16": 312.0}}
@@ -48,9 +51,11 @@ def peak_tflops(dtype: str) -> float | None:
     return next((peaks[dtype] for name, peaks in PEAK_TFLOPS.items() if name in kind), None)
 
 
-def torch_pair(smoke: bool):
-    """(PyTorch C3D on its device, kv3d_jax params with its weights), or (None, random params)
+def torch_pair(smoke: bool, model_name: str = "c3d"):
+    """(PyTorch model on its device, kv3d_jax params with its weights), or (None, the params)
     when PyTorch is missing or cannot use the accelerator (outside ``smoke``)."""
+    if model_name == "inception_i3d":
+        return _i3d_pair(smoke)
     try:
         import torch
         import torch_models
@@ -66,9 +71,25 @@ def torch_pair(smoke: bool):
     return (model if smoke else None), params
 
 
+def _i3d_pair(smoke: bool):
+    """:func:`torch_pair` for inception_i3d: the real weights, in PyTorch if it is there."""
+    try:
+        import torch
+        from compare import inception_i3d_pair
+    except ImportError:
+        from kv3d_jax import zoo
+        return None, jax.device_put(zoo.load("inception_i3d")[1])
+    model, params = inception_i3d_pair()
+    if torch.cuda.is_available():
+        return model.cuda(), params
+    return (model if smoke else None), params
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    parser.add_argument("--model", default="c3d", choices=tuple(LAYERS), help="c3d (random weights) or "
+                        "inception_i3d (DeepMind's Kinetics-400 weights, from the i3d extra)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="kv3d_jax compute dtype")
     parser.add_argument("--budget-s", type=float, default=270, help="start no measurement after this many seconds")
@@ -86,9 +107,9 @@ def main(argv=None) -> None:
         size, resize, steps, ks, budget = SMOKE_SHAPE, SMOKE_RESIZE, 1, (1, SMOKE_K), budget or SMOKE_BUDGET
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     peak = args.peak_tflops or peak_tflops(args.dtype)
-    torch_model, params = torch_pair(args.smoke)
-    model = models.get("c3d")
-    results = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "preset": "paper",
+    torch_model, params = torch_pair(args.smoke, args.model)
+    model = models.get(args.model)
+    results = {"model": args.model, "device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "preset": "paper",
                "smoke": args.smoke, "steps": steps, "compute_dtype": args.dtype, "peak_tflops": peak,
                "torch_device": None if torch_model is None else str(next(torch_model.parameters()).device),
                "measurements": []}
@@ -112,7 +133,7 @@ def main(argv=None) -> None:
         except (MemoryError, RuntimeError) as err:  # out of device memory, from XLA or PyTorch
             record({"who": name, "layer": layer, "k": k, "failed": str(err)[:300]})
 
-    for layer in LAYERS:
+    for layer in LAYERS[args.model]:
         channels = model.num_channels(params, layer)
         for k in ks:
             measure("kv3d", layer, k, lambda: kv3d_step(model, params, layer, preset, k, steps, dtype))

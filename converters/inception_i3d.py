@@ -155,3 +155,21 @@ def convert(checkpoint: Any) -> dict:
     as_float = lambda tree: {m: {k: np.ascontiguousarray(v, np.float32) for k, v in leaves.items()}
                              for m, leaves in tree.items()}
     return {"params": as_float(params), "batch_stats": as_float(stats)}
+
+
+def piergiaj_state(variables: dict) -> dict[str, np.ndarray]:
+    """The piergiaj/pytorch-i3d ``InceptionI3d`` state dict (float32 numpy, PyTorch's OIDHW kernels)
+    holding the same network as kv3d's Flax ``variables`` (e.g. DeepMind's weights after
+    :func:`convert`): :func:`convert` maps it back to ``variables``. Benchmarks use it to run the
+    real weights in PyTorch."""
+    params, stats = variables["params"], variables["batch_stats"]
+    state = {}
+    for layer, _, module, _, _, _ in _units():
+        state[f"{module}.conv3d.weight"] = np.asarray(params[layer]["kernel"]).transpose(4, 3, 0, 1, 2)
+        state[f"{module}.bn.weight"] = np.asarray(params[f"{layer}_bn"]["scale"])
+        state[f"{module}.bn.bias"] = np.asarray(params[f"{layer}_bn"]["bias"])
+        state[f"{module}.bn.running_mean"] = np.asarray(stats[f"{layer}_bn"]["mean"])
+        state[f"{module}.bn.running_var"] = np.asarray(stats[f"{layer}_bn"]["var"])
+    state[_PIERGIAJ_HEAD + "weight"] = np.asarray(params["Logits"]["kernel"]).transpose(4, 3, 0, 1, 2)
+    state[_PIERGIAJ_HEAD + "bias"] = np.asarray(params["Logits"]["bias"])
+    return {name: np.ascontiguousarray(value, np.float32) for name, value in state.items()}

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import converters
+from converters import inception_i3d as i3d_converter
 from converters.checkpoint import read_checkpoint
 from converters.common import CheckpointMismatchError, NonFiniteWeightsError
 from inception_i3d_torch import InceptionI3d as TorchInceptionI3d, randomize_batch_norm
@@ -161,6 +162,23 @@ def test_piergiaj_needs_its_own_eps(piergiaj, clip):
         theirs = torch_model(torch.from_numpy(video).permute(0, 4, 1, 2, 3), logits=False)["Conv3d_2c_3x3"].numpy()
     ours = np.moveaxis(np.asarray(model.apply(params, video, "Conv3d_2c_3x3")), -1, 1)
     assert relative_error(ours, theirs) > TOLERANCE
+
+
+def test_the_real_weights_run_in_piergiajs_network(deepmind, clip):
+    """piergiaj_state (the benchmarks' PyTorch copy of DeepMind's weights) loads strictly into piergiaj's
+    network, which then computes kv3d's activations, and converts back to the same params."""
+    model, params = deepmind
+    state = i3d_converter.piergiaj_state(params)
+    assert jax.tree.all(jax.tree.map(np.array_equal, i3d_converter.convert(state), params))
+    torch_model = TorchInceptionI3d().eval()
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    missing = set(torch_model.state_dict()) - set(state)
+    assert all(name.endswith("num_batches_tracked") for name in missing), missing
+    video = clip[:, :8, :48, :48]
+    with torch.no_grad():
+        theirs = torch_model(torch.from_numpy(video).permute(0, 4, 1, 2, 3), logits=False)["Mixed_3b"].numpy()
+    ours = np.moveaxis(np.asarray(model.apply(params, video, "Mixed_3b")), -1, 1)
+    assert relative_error(ours, theirs) <= TOLERANCE
 
 
 # ---------------------------------------------------------------- strict reading

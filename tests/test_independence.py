@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,31 +16,19 @@ from kv3d_jax import runner
 from kv3d_jax.decomposition import Config as DecomposeConfig
 from kv3d_jax.decomposition import Decomposition, decompose
 from kv3d_jax.maximization import PRESETS, maximize
-from kv3d_jax.models import VideoModel
 from kv3d_jax.refinement import Config as RefineConfig
 from kv3d_jax.refinement import refine
 from kv3d_jax.stimuli import translating_texture
 from kv3d_jax.warp import warp_batch
+
+from tiny_model import tiny
 
 SHAPE = (6, 16, 16)
 # Jitter on: stage 1 and stage 3 draw a transform from every step's key.
 PRESET = dataclasses.replace(PRESETS["native"], shape=SHAPE, max_shift=(2, 2, 2))
 
 
-class _Tiny(nn.Module):
-    """Two 3D convolutions: every stage compiles in a moment."""
-
-    @nn.compact
-    def __call__(self, x, upto):
-        x = nn.Conv(4, (3, 3, 3), padding="SAME", name="a")(x)
-        if upto == "a":
-            return x
-        return nn.Conv(6, (2, 3, 3), padding="SAME", name="b")(nn.relu(x))
-
-
-TINY = VideoModel(name="tiny", apply=lambda p, v, upto: _Tiny().apply(p, v, upto), layers=("a", "b"),
-                  input_shape=SHAPE, mean=(0.5,) * 3, std=(0.25,) * 3, linear_layers=frozenset({"a"}))
-TINY_PARAMS = _Tiny().init(jax.random.PRNGKey(3), np.zeros((1, *SHAPE, 3), np.float32), "b")
+TINY, TINY_PARAMS = tiny(SHAPE)
 CHANNELS = [2, 5]
 
 

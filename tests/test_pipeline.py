@@ -15,30 +15,19 @@ import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from kv3d_jax import cli, decompose, decomposition, maximization, maximize, params_io, pipeline, reliability, zoo
-from kv3d_jax.models import UnknownLayerError, VideoModel, motionnet
+from kv3d_jax.models import UnknownLayerError, motionnet
 from kv3d_jax.store import StoreError, params_checksum
 
-
-class _Tiny(nn.Module):
-    """Two 3D convolutions on 6x16x16 clips; ``b`` (8 channels) is the layer the sweeps visualise."""
-
-    @nn.compact
-    def __call__(self, x, upto):
-        x = nn.Conv(4, (3, 3, 3), padding="SAME", name="a")(x)
-        if upto == "a":
-            return x
-        return nn.Conv(8, (2, 3, 3), padding="SAME", name="b")(nn.relu(x))
+from tiny_model import tiny
 
 
-TINY = VideoModel(name="tiny", apply=lambda p, v, upto: _Tiny().apply(p, v, upto), layers=("a", "b"),
-                  input_shape=(6, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, linear_layers=frozenset({"a"}))
-TINY_PARAMS = _Tiny().init(jax.random.PRNGKey(3), np.zeros((1, 6, 16, 16, 3), np.float32), "b")
+# The layer the sweeps visualise is b, with 8 channels.
+TINY, TINY_PARAMS = tiny((6, 16, 16), features=8)
 # 4 steps a stage: stage 1 then compiles a 4-step unrolled chunk, not a 10-step one (2.5 times the
 # compile); what these tests check (storage, keys, resume, quarantine, the gallery) is the same.
 SETTINGS = pipeline.Settings(model="tiny", preset="native", steps=4, decompose_steps=4, seed=5)

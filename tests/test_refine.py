@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,32 +18,21 @@ from kv3d_jax.cli import build_parser
 from kv3d_jax import decomposition
 from kv3d_jax.decomposition import Decomposition, decompose
 from kv3d_jax.maximization import PRESETS, maximize, preset
-from kv3d_jax.models import VideoModel, c3d
+from kv3d_jax.models import c3d
 from kv3d_jax.motion import motion_summary
 from kv3d_jax.refinement import (DEFAULT_STEPS, Config, Refinement, from_decomposition, penalty, refine,
                                  used_displacement)
 from kv3d_jax.tuning import angular_difference
 from kv3d_jax.warp import warp_batch
 
+from tiny_model import tiny
+
 C3D = models.get("c3d")
 SMALL = (8, 16, 16)
 SMALL_PRESET = dataclasses.replace(PRESETS["native"], shape=SMALL, max_shift=(2, 2, 2))
 
 
-class _Tiny(nn.Module):
-    """Two 3D convolutions: a model that compiles in a moment, for what does not need C3D."""
-
-    @nn.compact
-    def __call__(self, x, upto):
-        x = nn.Conv(4, (3, 3, 3), padding="SAME", name="a")(x)
-        if upto == "a":
-            return x
-        return nn.Conv(6, (2, 3, 3), padding="SAME", name="b")(nn.relu(x))
-
-
-TINY = VideoModel(name="tiny", apply=lambda p, v, upto: _Tiny().apply(p, v, upto), layers=("a", "b"),
-                  input_shape=SMALL, mean=(0.5,) * 3, std=(0.25,) * 3, linear_layers=frozenset({"a"}))
-TINY_PARAMS = _Tiny().init(jax.random.PRNGKey(3), np.zeros((1, *SMALL, 3), np.float32), "b")
+TINY, TINY_PARAMS = tiny(SMALL)
 
 
 @pytest.fixture(scope="module")

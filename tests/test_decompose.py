@@ -132,6 +132,7 @@ def _pair():
     return np.stack([a, b])
 
 
+@pytest.mark.slow
 def test_progress_is_reported_after_each_chunk():
     # That chunking changes no result: test_independence.test_chunking_does_not_change_the_result.
     videos = _pair()

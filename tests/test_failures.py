@@ -39,6 +39,7 @@ def test_nan_weights_of_one_channel_change_no_other_channel(layer, channels, bad
     assert set(clean[channels[0]]) == set(pipeline.kernel_schema((16, 32, 32), refined=True))
 
 
+@pytest.mark.slow
 def test_visualize_finishes_the_other_kernels(tmp_path):
     model, params = zoo.load("motionnet")
     settings = pipeline.Settings(model="motionnet", preset="native", steps=2, decompose_steps=2, seed=0)

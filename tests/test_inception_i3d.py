@@ -120,7 +120,7 @@ def test_logits_refuses_a_small_clip_in_one_clear_line(deepmind):
 # ---------------------------------------------------------------- piergiaj/pytorch-i3d
 
 
-@pytest.fixture(scope="module", params=[1e-3, 1e-5], ids=["eps1e-3", "eps1e-5"])
+@pytest.fixture(scope="module", params=[1e-3, pytest.param(1e-5, marks=pytest.mark.slow)], ids=["eps1e-3", "eps1e-5"])
 def piergiaj(request, tmp_path_factory):
     """A random piergiaj ``InceptionI3d`` with BatchNorm eps ``param`` and its state dict in both formats."""
     eps = request.param

@@ -124,7 +124,7 @@ def _check_batch_independence(stage: str, keys: str, both: dict) -> None:
         _assert_same({name: value[i : i + 1] for name, value in both.items()}, alone, f"kernel {i} alone")
 
 
-@pytest.mark.parametrize("keys", ["one", "per kernel"])
+@pytest.mark.parametrize("keys", ["one", pytest.param("per kernel", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("stage", _stages(STAGES))
 def test_a_kernels_result_does_not_depend_on_its_batch(stage, keys, together):
     both = _together(together, stage, keys)

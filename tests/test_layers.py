@@ -89,7 +89,7 @@ def test_max_pool_matches_torch_values_and_input_gradients(window):
     _close(vjp(jnp.asarray(cotangent))[0], xt.grad.permute(0, 2, 3, 4, 1))
 
 
-@pytest.mark.parametrize("name, rectify", [("channel", False), ("channel", True), ("neuron", True), ("weighted", False)])
+@pytest.mark.parametrize("name, rectify", [pytest.param("channel", False, marks=pytest.mark.slow), ("channel", True), ("neuron", True), ("weighted", False)])
 def test_objectives_read_from_the_projection_equal_the_objectives(name, rectify):
     model, params = models.get("c3d"), jax.jit(c3d.init_params)(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 16, 16, 3))

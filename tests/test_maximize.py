@@ -87,6 +87,7 @@ def test_result_videos_are_minmax_normalised(c3d_params):
     np.testing.assert_allclose(videos.max(axis=(1, 2, 3, 4)), 1, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fourier_parameterization_optimises(c3d_params):
     run = lambda steps: maximize(C3D, c3d_params, "conv2", [4], batch_size=1,
                                  config=preset(SMALL_PRESET, steps=steps, chunk=1, parameterization="fourier"))

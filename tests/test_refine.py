@@ -272,6 +272,7 @@ def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
         dataclasses.replace(settings, refine_motion="rigid")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parameterization", ["static_displacement", "static_velocity"])
 def test_stage_1_optimises_the_warp_parameterizations_too(parameterization):
     run = lambda steps: maximize(TINY, TINY_PARAMS, "b", [3], batch_size=1,

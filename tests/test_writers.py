@@ -111,6 +111,7 @@ def test_cli_decomposes_a_folder_of_gifs(tmp_path):
     assert status == 0 and "2 videos decomposed" in out
 
 
+@pytest.mark.slow
 def test_cli_reads_a_stage1_npz(tmp_path):
     videos = np.stack([translating_texture(np.random.default_rng(k), 4, 16, 16, (0.5, 0.0)) for k in range(2)])
     writers.save_npz(tmp_path / "c3d_conv2_stage1.npz", videos=videos, channels=np.array([4, 9]),

@@ -11,14 +11,14 @@ kernel record counts as reliable (:mod:`kv3d_jax.reliability`) and the rest.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from kv3d_jax import pipeline, tuning, zoo
+from kv3d_jax import tuning, zoo
+from kv3d_jax.job import Job
 from kv3d_jax.store import RUN_FILE, Store, StoreError, params_checksum
 
 # The grating grid: 16 directions (each with its opposite), three spatial and temporal frequencies.
@@ -29,34 +29,25 @@ TEMPORAL_FREQS = (0.05, 0.1, 0.2)  # cycles/frame
 STAGES = {"stage2": ("direction_deg", "stage-2 dominant"), "refined": ("refined_direction_deg", "refined dominant")}
 
 
-def run_settings(run_dir) -> pipeline.Settings:
-    """The :class:`~kv3d_jax.pipeline.Settings` recorded in run folder ``run_dir``'s ``run.json``."""
+def load_run(run_dir, weights=None) -> tuple[Job, object, object]:
+    """The :class:`~kv3d_jax.job.Job` run folder ``run_dir``'s ``run.json`` records, with its model
+    and params loaded as ``kv3d visualize`` loads them (``weights`` unless the model is embedded)."""
     path = Path(run_dir) / RUN_FILE
     try:
         config = json.loads(path.read_text())["config"]
-        fields = {f.name for f in dataclasses.fields(pipeline.Settings)}
-        return pipeline.Settings(**{name: config[name] for name in fields})
+        job = Job.from_config(config)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a `kv3d visualize` run folder") from None
     except (ValueError, KeyError, TypeError) as err:
         raise StoreError(f"{path} is not a kv3d run record ({type(err).__name__}: {err})") from None
+    model, params = zoo.load(job.model, weights)
+    return job, model, params
 
 
-def dominant_directions(store: Store, model, layer: str, settings: pipeline.Settings,
-                        stage: str = "stage2") -> dict[int, float]:
-    """``{channel: dominant direction (deg)}`` of ``layer``'s finished kernels in ``store``, from
-    ``stage`` (a key of :data:`STAGES`)."""
-    return {c: float(r[STAGES[stage][0]]) for c, r in _records(store, model, layer, settings).items()}
-
-
-def reliable_kernels(store: Store, model, layer: str, settings: pipeline.Settings) -> dict[int, bool]:
-    """``{channel: reliable}`` of ``layer``'s finished kernels in ``store`` (their records' ``reliable``)."""
-    return {c: bool(r["reliable"]) for c, r in _records(store, model, layer, settings).items()}
-
-
-def _records(store: Store, model, layer: str, settings: pipeline.Settings) -> dict[int, dict]:
-    schema = pipeline.kernel_schema(pipeline.video_shape(model, settings), settings.refine_steps > 0)
-    return {c: store.read(layer, c, schema) for c in sorted(store.audit(layer, schema).done)}
+def _records(store: Store, model, layer: str, job: Job) -> dict[int, dict]:
+    """``{channel: arrays}`` of ``layer``'s finished kernels in ``store``."""
+    arrays = job.record(model).arrays()
+    return {c: store.read(layer, c, arrays) for c in sorted(store.audit(layer, arrays).done)}
 
 
 def layer_agreement(model, params, layer: str, stage2: dict[int, float], reliable: dict[int, bool] | None = None,
@@ -93,22 +84,22 @@ def report(run_dir, weights=None, layers: Sequence[str] | None = None, stage: st
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid stages are: {', '.join(STAGES)}")
-    settings = run_settings(run_dir)
-    if stage == "refined" and not settings.refine_steps:
+    job, model, params = load_run(run_dir, weights)
+    if stage == "refined" and not job.refine_steps:
         raise ValueError(f"{run_dir} was run without the refinement; run `kv3d visualize --refine` into a new "
                          "folder to compare refined directions")
-    model, params = zoo.load(settings.model, weights)
-    config = pipeline.run_config(model, settings)
+    field = STAGES[stage][0]
     rows, medians, compared = [], {}, 0
-    with Store.open(run_dir, config, params_checksum(params)) as store:
+    with Store.open(run_dir, job.config(model), params_checksum(params)) as store:
         for layer in layers or [layer for layer in model.layers if layer in store.layers()]:
-            stage2 = dominant_directions(store, model, model.check_layer(layer), settings, stage)
-            if not stage2:
+            records = _records(store, model, model.check_layer(layer), job)
+            if not records:
                 continue
-            layer_rows, medians[layer] = layer_agreement(model, params, layer, stage2,
-                                                         reliable_kernels(store, model, layer, settings), min_peak)
+            layer_rows, medians[layer] = layer_agreement(
+                model, params, layer, {c: float(r[field]) for c, r in records.items()},
+                {c: bool(r["reliable"]) for c, r in records.items()}, min_peak)
             rows += layer_rows
-            compared += len(stage2)
+            compared += len(records)
     return rows, medians, compared
 
 

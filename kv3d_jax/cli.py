@@ -27,16 +27,19 @@ from PIL import Image
 
 import converters
 from kv3d_jax import agreement, decomposition, maximization, models, parameterizations, params_io, pipeline
-from kv3d_jax import runner, tuning, writers, zoo
+from kv3d_jax import job, runner, tuning, writers, zoo
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import PRESETS, maximize
 from kv3d_jax.motion import motion_summary
 from kv3d_jax.progress import ProgressBar
+from kv3d_jax.record import MEDIA
 from kv3d_jax.refinement import DEFAULT_STEPS as REFINE_STEPS, MOTIONS, Config as RefineConfig
+from kv3d_jax.store import Store, params_checksum
 from kv3d_jax.untrusted import escape, output_path, printable, quote, regular_file
 
 # The rule for --model in every subcommand that takes it: the model whose weights ship with kv3d.
-DEFAULT_MODEL = pipeline.DEFAULT_JOB["model"]
+DEFAULT_MODEL = job.DEFAULT_MODEL
+_DEFAULTS = job.DEFAULTS[job.DEFAULT_MODEL]
 _MODEL_HELP = (f"model name (default {DEFAULT_MODEL}, whose weights ship with kv3d; every other model needs "
                f"--weights): {', '.join(models.names())}")
 # The most pixels (frames x height x width) `kv3d decompose` reads from one input video, the most
@@ -274,17 +277,13 @@ def _add_maximize(sub) -> None:
                    "70%% of the memory, from XLA's memory analysis)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype the model computes in (default float32; the optimised video stays float32)")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0, to split the channels over "
-                   "--num-processes processes (jax.distributed); each writes only its own channels")
-    p.add_argument("--num-processes", type=int, default=1, help="processes sharing the channels (default 1)")
-    p.add_argument("--process-id", type=int, default=0, help="this process's index, 0 … num-processes − 1")
+    _add_processes(p)
     p.set_defaults(run=_run_maximize)
 
 
 def _run_maximize(args) -> int:
     out = _output_folder(args.out)
-    if args.coordinator:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    _start_processes(args)
     model, params = _load(args.model, args.weights)
     model.check_layer(args.layer)
     channels = pipeline.parse_channels(args.channels, model.num_channels(params, args.layer), args.layer,
@@ -639,21 +638,51 @@ def _run_decompose(args) -> int:
     return 0
 
 
+def _add_processes(p) -> None:
+    """The flags that run a command on several processes (``jax.distributed``)."""
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, to share the work among --num-processes "
+                   "processes (jax.distributed); every process gets the same other flags")
+    p.add_argument("--num-processes", type=_at_least(1), help="processes sharing the work (with --coordinator)")
+    p.add_argument("--process-id", type=_at_least(0), help="this process's index, 0 … num-processes − 1 "
+                   "(with --coordinator)")
+    p.add_argument("--distributed", action="store_true", help="join a jax.distributed run whose processes JAX "
+                   "finds on its own (a Cloud TPU pod slice, SLURM, Open MPI): jax.distributed.initialize()")
+
+
+def _start_processes(args) -> None:
+    """Joins the ``jax.distributed`` run the flags of :func:`_add_processes` describe, if any."""
+    given = [name for name in ("num_processes", "process_id") if getattr(args, name) is not None]
+    if args.distributed and (args.coordinator or given):
+        raise ValueError("use either --distributed (JAX finds the processes) or --coordinator with "
+                         "--num-processes and --process-id, not both")
+    if args.distributed:
+        jax.distributed.initialize()
+    elif args.coordinator:
+        if len(given) < 2:
+            raise ValueError("--coordinator needs --num-processes N and --process-id I (0 … N−1)")
+        if args.process_id >= args.num_processes:
+            raise ValueError(f"--process-id must be below --num-processes ({args.num_processes}), got {args.process_id}")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif given:
+        raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT (process 0's address)")
+
+
 def _add_visualize(sub) -> None:
-    job = pipeline.DEFAULT_JOB
     p = sub.add_parser(
         "visualize",
         help="stage 1 + stage 2 for every channel of some layers, resumable, with an HTML gallery",
         description="For every chosen channel of each layer: the video that maximally activates it "
         "(stage 1), its split into a static texture and motion (stage 2) and their pictures, stored "
         "per kernel in --out so that an interrupted run resumes where it stopped; then an HTML "
-        f"gallery (OUT/index.html). With no options: every channel of {job['model']}'s (embedded, no "
-        f"weights needed) layers {', '.join(job['layers'])} at the {job['preset']} preset with "
-        f"{job['steps']} + {job['decompose_steps']} steps, a few minutes on a CPU.",
+        f"gallery (OUT/index.html). With no options: every channel of {job.DEFAULT_MODEL}'s (embedded, no "
+        f"weights needed) layers {', '.join(job.DEFAULT_LAYERS)} at the {_DEFAULTS['preset']} preset with "
+        f"{_DEFAULTS['steps']} + {_DEFAULTS['decompose_steps']} steps, a few minutes on a CPU. Several "
+        "processes (--coordinator or --distributed) share every layer's kernels and write into one --out "
+        "on a shared filesystem; a kernel's files are the same whatever the processes, devices or resumes.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
     p.add_argument("--weights", help=f"params file from `kv3d convert`, or the checkpoint itself "
-                   f"(not needed for {job['model']})")
+                   f"(not needed for {job.DEFAULT_MODEL})")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--layer", action="append", help="a layer to visualise (repeatable); "
                        "`kv3d layers MODEL` lists them")
@@ -661,17 +690,22 @@ def _add_visualize(sub) -> None:
     p.add_argument("--channels", default="all", help="'all' (default), a range '0-15' or a list '3,7,9'; "
                    "channels with names (inception_i3d's Logits: Kinetics classes) also by name, "
                    "'playing cricket,juggling balls'")
-    p.add_argument("--out", default=job["out"], help=f"run folder (default {job['out']}); "
+    p.add_argument("--out", default=job.DEFAULT_OUT, help=f"run folder (default {job.DEFAULT_OUT}); "
                    "rerun with the same settings to resume")
-    p.add_argument("--preset", choices=tuple(PRESETS), help=f"stage-1 preset (default {job['preset']} for "
-                   f"{job['model']}, {pipeline.OTHER_MODELS['preset']} for other models)")
-    p.add_argument("--steps", type=_at_least(1), help=f"stage-1 steps (default {job['steps']} for {job['model']} at "
-                   f"{job['preset']}, else the preset's)")
-    p.add_argument("--decompose-steps", type=_at_least(1), help=f"stage-2 steps (default {job['decompose_steps']} "
-                   f"for {job['model']}, else {pipeline.OTHER_MODELS['decompose_steps']})")
-    p.add_argument("--chunk", type=_at_least(1), default=job["chunk"], help=f"kernels computed together (default "
-                   f"{job['chunk']}); results do not depend on it")
-    p.add_argument("--seed", type=_seed, default=job["seed"], help=f"random seed, 0 to 2**63-1 (default {job['seed']})")
+    p.add_argument("--preset", choices=tuple(PRESETS), help=f"stage-1 preset (default {_DEFAULTS['preset']} for "
+                   f"{job.DEFAULT_MODEL}, {job.OTHER_MODELS['preset']} for other models)")
+    p.add_argument("--steps", type=_at_least(1), help=f"stage-1 steps (default {_DEFAULTS['steps']} for "
+                   f"{job.DEFAULT_MODEL} at {_DEFAULTS['preset']}, else the preset's)")
+    p.add_argument("--decompose-steps", type=_at_least(1), help=f"stage-2 steps (default "
+                   f"{_DEFAULTS['decompose_steps']} for {job.DEFAULT_MODEL}, else {job.OTHER_MODELS['decompose_steps']})")
+    p.add_argument("--batch", type=_at_least(1), default=job.DEFAULT_BATCH, help=f"kernels per device in every "
+                   f"compiled batch (default {job.DEFAULT_BATCH}); part of the run's settings, since another batch "
+                   "shape may round differently; lower it if a batch does not fit in memory")
+    p.add_argument("--chunk", type=_at_least(1), help="kernels a process computes and stores together, rounded up "
+                   "to --batch on every device (default: one batch); results do not depend on it")
+    p.add_argument("--media", choices=tuple(MEDIA), default=MEDIA[0], help=f"format of the moving pictures "
+                   f"(default {MEDIA[0]}; gif plays anywhere but is several times larger)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**63-1 (default 0)")
     p.add_argument("--rectify", action="store_true", help="maximise each channel after a ReLU (for layers "
                    "whose output is linear in the input, whose optimum is otherwise a flat colour)")
     p.add_argument("--refine", type=_at_least(0), nargs="?", const=REFINE_STEPS, default=0, metavar="STEPS",
@@ -681,27 +715,31 @@ def _add_visualize(sub) -> None:
     p.add_argument("--refine-motion", choices=tuple(MOTIONS), default=RefineConfig.motion,
                    help=f"what stage 3's motion may be: constant (each pixel at a constant velocity, as in a "
                    f"drifting grating) or free (any displacement per frame); default {RefineConfig.motion}")
-    p.add_argument("--dtype", default="float32", choices=pipeline.DTYPES,
+    p.add_argument("--dtype", default="float32", choices=job.DTYPES,
                    help="dtype the model computes in (default float32; optimised videos stay float32)")
     p.add_argument("--memory-budget", type=float, metavar="GIB",
-                   help="GiB per device each stage's batch of kernels may use (default: 70%% of an "
-                   "accelerator's memory, or of the host's shared by its CPU devices)")
+                   help="check before the run that a batch fits in GIB per device (XLA's memory analysis); "
+                   "without it, a batch that does not fit fails when it runs")
+    _add_processes(p)
     p.set_defaults(run=_run_visualize)
 
 
 def _run_visualize(args) -> int:
-    settings = pipeline.job_settings(args.model, args.preset, args.steps, args.decompose_steps, args.seed,
-                                     args.rectify, args.refine, args.refine_motion, args.dtype)
-    if not args.layer and args.layers is None and settings.model != pipeline.DEFAULT_JOB["model"]:
-        raise ValueError(f"choose layers of {settings.model} with --layer L (repeatable) or --layers all; "
-                         f"valid layers are: {', '.join(models.get(settings.model).layers)}")
     if args.memory_budget is not None and not 2.0**-10 <= args.memory_budget <= _MAX_MEMORY_GIB:
         raise ValueError(f"--memory-budget must be a positive, finite number of GiB, from 1/1024 (1 MiB) to "
                          f"{_MAX_MEMORY_GIB:,.0f}, got {args.memory_budget}")
-    budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
+    the_job = job.Job.create(args.model, args.preset, args.steps, args.decompose_steps, seed=args.seed,
+                             rectify=args.rectify, refine_steps=args.refine, refine_motion=args.refine_motion,
+                             dtype=args.dtype, batch=args.batch, media=args.media)
+    if not args.layer and args.layers is None and the_job.model != job.DEFAULT_MODEL:
+        raise ValueError(f"choose layers of {the_job.model} with --layer L (repeatable) or --layers all; "
+                         f"valid layers are: {', '.join(models.get(the_job.model).layers)}")
     out = _output_folder(args.out)
-    model, params = _load(settings.model, args.weights)
-    layers = pipeline.job_layers(model, args.layer, every=args.layers == "all")
+    _start_processes(args)
+    model, params = _load(the_job.model, args.weights)
+    layers = job.layers(model, args.layer, every=args.layers == "all")
+    if args.memory_budget is not None:
+        pipeline.check_memory(model, params, the_job, layers, int(args.memory_budget * 2**30))
     shown: list = []  # [layer, its ProgressBar] of the layer being computed
 
     def progress(layer: str, done: int, total: int, stage: int) -> None:
@@ -712,18 +750,43 @@ def _run_visualize(args) -> int:
         shown[1].update(done, stage=stage)
 
     try:
-        index = pipeline.visualize(model, params, layers, args.channels, out, settings, args.chunk,
+        index = pipeline.visualize(model, params, the_job, layers, args.channels, out,
                                    log=lambda message: print(message, file=sys.stderr), progress=progress,
-                                   memory_budget=budget)
+                                   chunk=args.chunk)
     finally:
         if shown:
             shown[1].close()
+    if index is None:
+        print(f"process {jax.process_index()}: share done; process 0 writes the gallery")
+    else:
+        print(f"results: {index.resolve()}")
+    return 0
+
+
+def _add_gallery(sub) -> None:
+    p = sub.add_parser(
+        "gallery",
+        help="(re)write the HTML gallery of a `kv3d visualize` run folder from its finished kernels",
+        description="Writes RUN/index.html and a page per layer from the kernels RUN holds, redrawing any "
+        "missing picture: at any time no run is writing into RUN, e.g. after one was killed.",
+    )
+    p.add_argument("run", metavar="RUN", help="the run folder")
+    p.add_argument("--weights", help=f"the run's params file or checkpoint (not needed for {job.DEFAULT_MODEL})")
+    p.set_defaults(run=_run_gallery)
+
+
+def _run_gallery(args) -> int:
+    folder = _output_folder(args.run)
+    the_job, model, params = agreement.load_run(folder, args.weights)
+    with Store.open(folder, the_job.config(model), params_checksum(params)) as store:
+        if not any(store.finished(layer) for layer in store.layers()):
+            raise ValueError(f"{args.run} holds no finished kernels yet; run `kv3d visualize --out {args.run}` first")
+        index = pipeline.build_gallery(store, model, the_job, folder)
     print(f"results: {index.resolve()}")
     return 0
 
 
 def _add_agreement(sub) -> None:
-    job = pipeline.DEFAULT_JOB
     p = sub.add_parser(
         "agreement",
         help="grating-preferred vs stage-2 direction of the direction-selective channels of a run",
@@ -733,8 +796,8 @@ def _add_agreement(sub) -> None:
         "(or, with --stage refined, of its refinement's), and the median angular difference over all of them, "
         "the reliable ones and the rest. Writes OUT/agreement.md (OUT/agreement_refined.md).",
     )
-    p.add_argument("--out", default=job["out"], help=f"the run folder (default {job['out']})")
-    p.add_argument("--weights", help=f"the run's params file or checkpoint (not needed for {job['model']})")
+    p.add_argument("--out", default=job.DEFAULT_OUT, help=f"the run folder (default {job.DEFAULT_OUT})")
+    p.add_argument("--weights", help=f"the run's params file or checkpoint (not needed for {job.DEFAULT_MODEL})")
     p.add_argument("--layer", action="append", help="only this layer (repeatable)")
     p.add_argument("--stage", default="stage2", choices=tuple(agreement.STAGES),
                    help="whose motion to compare: stage2 (default) or refined (a run made with --refine)")
@@ -763,7 +826,7 @@ def _run_agreement(args) -> int:
 
 
 _SUBCOMMANDS: list = [_add_convert, _add_layers, _add_maximize, _add_tuning, _add_decompose, _add_visualize,
-                      _add_agreement]
+                      _add_gallery, _add_agreement]
 
 if __name__ == "__main__":
     sys.exit(main())

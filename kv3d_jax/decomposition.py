@@ -321,6 +321,7 @@ def decompose(
     batch_size: int | None = None,
     compute_dtype=jnp.float32,
     callback: runner.Callback | None = None,
+    per_device: int | None = None,
 ) -> Decomposition:
     """Decomposes each of ``videos`` ``(K, T, H, W, 3)`` (floats, any range; stage-1
     outputs are in [0, 1]) into a static texture and a displacement field (SPEC §3).
@@ -334,7 +335,7 @@ def decompose(
       key: optional PRNG key, or one per video, for an N(0, ``init_noise``²) jitter of the
         initial static (the reference starts from noise; without a key the start is
         deterministic). A single key gives video ``k`` the key ``fold_in(key, ids[k])``.
-      mesh, memory_budget, batch_size, callback: as for :func:`kv3d_jax.maximize`
+      mesh, memory_budget, batch_size, per_device, callback: as for :func:`kv3d_jax.maximize`
         (``callback(steps_done, steps_total, mean_loss)``).
       compute_dtype: the dtype the reconstruction reads the static in.
 
@@ -352,7 +353,7 @@ def decompose(
         raise ValueError(f"decompose got {len(ids)} ids for {k} videos; pass one id per video")
     result = runner.run(problem(config, key is not None, jnp.dtype(compute_dtype)), {}, videos, ids, config.steps,
                         chunk=config.chunk, key=key, mesh=mesh, memory_budget=memory_budget, batch_size=batch_size,
-                        callback=callback, share=False)
+                        callback=callback, share=False, per_device=per_device)
     static, displacement, reconstruction, terms, quality = result.outputs
     return Decomposition(jnp.asarray(static), jnp.asarray(displacement), jnp.asarray(reconstruction),
                          {name: jnp.asarray(value) for name, value in terms.items()}, jnp.asarray(quality),

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 KERNELS = "kernels"
@@ -64,6 +65,13 @@ def process_share(ids: np.ndarray) -> np.ndarray:
     Strided rather than contiguous, so neighbouring (often similar) channels spread evenly.
     """
     return np.asarray(ids)[jax.process_index()::jax.process_count()]
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of a ``jax.distributed`` run has reached the barrier ``name``
+    (``jax.experimental.multihost_utils.sync_global_devices``); returns at once in a single process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def padded_batch(batch: int, mesh: Mesh) -> int:

@@ -308,6 +308,8 @@ def maximize(
     batch_size: int | None = None,
     compute_dtype=jnp.float32,
     callback: runner.Callback | None = None,
+    per_device: int | None = None,
+    share: bool = True,
 ) -> Stage1Result:
     """Optimises the video that maximises the objective for each kernel of ``layer`` (SPEC §2).
 
@@ -325,6 +327,11 @@ def maximize(
         70 % of an accelerator's memory, or of the host's memory shared by its CPU devices).
       batch_size: kernels optimised together per compiled batch (default: as many as fit
         ``memory_budget``).
+      per_device: exactly this many kernels per device in every compiled batch, so that a
+        kernel's result is bit-identical on any mesh and beside any kernels
+        (:func:`kv3d_jax.runner.run`); overrides ``batch_size`` and ``memory_budget``.
+      share: under ``jax.distributed``, optimise only this process's share of the channels
+        (:func:`kv3d_jax.distribute.process_share`); False when ``channels`` already are its share.
       compute_dtype: the dtype the model runs in (e.g. ``jnp.bfloat16``); the optimised
         parameter, Adam's state and the reported objective stay float32.
       callback: ``callback(steps_done, steps_total, mean_objective)`` after each chunk.
@@ -365,10 +372,8 @@ def maximize(
         )
     result = runner.run(problem(model, layer, config, shape, jnp.dtype(compute_dtype)), params, target, ids,
                         config.steps, chunk=config.chunk, key=key, mesh=mesh, memory_budget=memory_budget,
-                        batch_size=batch_size, compute_dtype=compute_dtype, callback=callback)
-    if result.outputs is None:
-        videos, values = np.zeros((0, *shape, 3), np.float32), np.zeros((0,), np.float32)
-    else:
-        videos, values = result.outputs
+                        batch_size=batch_size, compute_dtype=compute_dtype, callback=callback, per_device=per_device,
+                        share=share)
+    videos, values = result.outputs
     return Stage1Result(videos=jnp.asarray(videos), objective=jnp.asarray(values), failed=result.failed,
                         channels=result.ids, layer=layer, linear=linear)

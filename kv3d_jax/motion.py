@@ -255,6 +255,16 @@ def motion_summary(decomposition: Decomposition, videos=None, border: int = 2, m
 
 @functools.partial(jax.jit, static_argnames=("border", "margin"))
 def _read_out(static, displacement, reconstruction, border: int, margin: float):
+    # Kernel by kernel: a vmapped read-out's reductions can round differently for another number
+    # of kernels, and a kernel's record must not depend on its batch.
+    def one(args):
+        outputs = _read_out_batch(*(x[None] for x in args), border, margin)
+        return tuple(x[0] for x in outputs)
+
+    return jax.lax.map(one, (static, displacement, reconstruction))
+
+
+def _read_out_batch(static, displacement, reconstruction, border: int, margin: float):
     u = velocity(displacement)
     weight = jax.vmap(lambda s, d: observability(s, d, border, margin))(static, displacement)
     field_mean = jnp.sum(weight[..., None] * u, axis=(1, 2, 3)) / jnp.sum(weight, axis=(1, 2, 3))[:, None]

@@ -1,146 +1,56 @@
-"""``kv3d visualize``: every chosen kernel through stage 1, stage 2 and the writers, into a
-resumable results store (:mod:`kv3d_jax.store`), then the gallery (:mod:`kv3d_jax.gallery`).
+"""``kv3d visualize``: every chosen kernel through stage 1, stage 2 (and stage 3) and the writers,
+into a resumable results store (:mod:`kv3d_jax.store`), then the gallery (:mod:`kv3d_jax.gallery`).
 
-The work of a layer is cut into chunks of kernels; a chunk is one batched
-:func:`~kv3d_jax.maximization.maximize` and one batched :func:`~kv3d_jax.decomposition.decompose`
-call (and one :func:`~kv3d_jax.refinement.refine` with stage 3), each batched and sized by the
-runner (:mod:`kv3d_jax.runner`), and each of its kernels is stored as soon as the chunk is done.
-A kernel that turns non-finite in a stage is stored as failed (``failed``: the stage's number)
-and changes no other kernel's result. Every kernel's
-randomness comes from ``(seed, layer, channel)`` alone and both stages treat the kernels
-of a batch independently, so an interruption changes no result, and the chunk size none
-beyond float rounding (another batch size may reorder a reduction: measured ≤ 1e-7
-relative on the arrays, ~1e-5 on the trust scores, which are ratios of sums over a clip);
-a resumed sweep computes exactly the kernels that have no file yet.
+The data path, top to bottom: a :class:`~kv3d_jax.job.Job` and the wanted kernels → the kernels
+the run folder does not hold yet → a plan (:mod:`kv3d_jax.plan`) that deals them to the
+processes in units of ``job.batch`` kernels per local device → per unit, one batched call of
+each stage (:func:`compute_chunk`) → each kernel's record and pictures → once every process's
+share is done, the gallery.
+
+A kernel's arrays are a function of the model, its params, the layer, the channel and the job
+alone: its keys come from ``(seed, layer, channel)``, every stage runs it in a batch of exactly
+``job.batch`` kernels per device (padded), and the read-out runs kernel by kernel, so
+neither the device count, the process count, the channel subset, its batch-mates nor a resume
+changes a bit of it on one backend. A kernel that turns non-finite in a stage is stored as
+failed (``failed``: the stage's number) and changes no other kernel's result.
+
+Under ``jax.distributed`` every process runs :func:`visualize` with the same arguments: process
+0 opens the run folder (its lock, ``run.json``, the audit of existing kernel files), every process
+then takes its share of the pending kernels of every layer, balanced by cost, and writes its
+kernels' files into the shared folder; process 0 writes the gallery when all shares are done.
+A killed process loses only the unit it was computing; a run started on N processes resumes on M.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
+import time
 import zlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kv3d_jax import decomposition, gallery, maximization, refinement, reliability, writers
+from kv3d_jax import distribute, gallery, maximization, plan, reliability, runner, writers
 from kv3d_jax.decomposition import decompose
-from kv3d_jax.maximization import get_preset, maximize
-from kv3d_jax.models import motionnet
+from kv3d_jax.job import Job
+from kv3d_jax.maximization import maximize
 from kv3d_jax.motion import motion_summary, observability
-from kv3d_jax.refinement import MOTIONS, Config as RefineConfig, refine
+from kv3d_jax.record import KernelRecord
+from kv3d_jax.refinement import refine
 from kv3d_jax.store import Store, params_checksum
 from kv3d_jax.untrusted import output_path
 
-# `kv3d visualize` with no arguments: all 176 channels of the embedded MotionNet's conv layers.
-# The step counts trade agreement with the channels' grating tuning against a job of at most
-# 5 minutes on 2 CPU cores; README.md ("Do the visualisations tell the truth?") has both
-# measurements. Stage 1 dominates the time: re-measure when its speed changes.
-DEFAULT_JOB = {
-    "model": "motionnet",
-    "layers": motionnet.CONV_LAYERS,
-    "preset": "native",
-    "steps": 40,
-    "decompose_steps": 200,
-    "chunk": 16,
-    "seed": 0,
-    "out": "kv3d_out",
-}
-# For any other model: the paper preset with its steps, and the reference's decomposition steps (SPEC §3).
-OTHER_MODELS = {"preset": "paper", "decompose_steps": 2000}
-
-SUMMARY = ("objective", "direction_deg", "speed", "psnr", "failed")
-# How far a kernel's pictures can be trusted (kv3d_jax.reliability); booleans stored as 0/1.
-TRUST = ("reliability", "reliable", "dead", "aliased", "gain", "explained")
-# What the refinement adds to a kernel's record, each name prefixed "refined_".
-REFINED = ("video", "static", "displacement", "objective", "direction_deg", "speed")
-# The dtypes a model may run in (Settings.dtype).
-DTYPES = ("float32", "bfloat16")
 # Width (px) of the frame border the motion read-out leaves out (motion.motion_summary's default).
 _BORDER = 2
 
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything a kernel's result depends on besides the model params (``run.json``'s config).
-
-    Attributes:
-      model: registry name of the model.
-      preset: stage-1 preset name (:data:`kv3d_jax.maximization.PRESETS`).
-      steps: stage-1 optimisation steps.
-      decompose_steps: stage-2 optimisation steps.
-      seed: the seed every kernel's PRNG keys are derived from.
-      rectify: maximise the activation after a ReLU (SPEC §5) rather than the layer's output.
-      refine_steps: steps of the texture-plus-motion refinement (:mod:`kv3d_jax.refinement`),
-        started from each decomposition; 0 skips it.
-      refine_motion: the motion the refinement may use (:attr:`kv3d_jax.refinement.Config.motion`).
-      dtype: the dtype the model runs in, ``"float32"`` or ``"bfloat16"``.
-      rectify_linear: rectify the layers whose output is linear in the input (``model.linear_layers``),
-        whose channel mean would otherwise peak at a flat colour (SPEC §5).
-    """
-
-    model: str
-    preset: str
-    steps: int
-    decompose_steps: int
-    seed: int
-    rectify: bool = False
-    refine_steps: int = 0
-    refine_motion: str = RefineConfig.motion
-    dtype: str = "float32"
-    rectify_linear: bool = True
-
-    def rectified(self, model, layer: str) -> bool:
-        """Whether stage 1 maximises ``layer`` of ``model`` after a ReLU."""
-        return self.rectify or (self.rectify_linear and layer in model.linear_layers)
-
-    def __post_init__(self):
-        get_preset(self.preset)
-        for name in ("steps", "decompose_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.refine_steps < 0:
-            raise ValueError(f"refine_steps must be at least 1 (or 0 for no refinement), got {self.refine_steps}")
-        if not -2**63 <= self.seed < 2**63:
-            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
-        if self.refine_motion not in MOTIONS:
-            raise ValueError(f"unknown refine_motion {self.refine_motion!r}; valid motions are: {', '.join(MOTIONS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes are: {', '.join(DTYPES)}")
-
-
-def job_settings(model: str | None = None, preset: str | None = None, steps: int | None = None,
-                 decompose_steps: int | None = None, seed: int | None = None, rectify: bool = False,
-                 refine_steps: int = 0, refine_motion: str = RefineConfig.motion, dtype: str = "float32",
-                 rectify_linear: bool = True) -> Settings:
-    """:class:`Settings` with every option not given filled in: from :data:`DEFAULT_JOB` for its
-    model (and, for ``steps``, its preset), else from :data:`OTHER_MODELS` and the preset."""
-    model = model or DEFAULT_JOB["model"]
-    default = model == DEFAULT_JOB["model"]
-    preset = preset or (DEFAULT_JOB if default else OTHER_MODELS)["preset"]
-    if steps is None:
-        steps = DEFAULT_JOB["steps"] if default and preset == DEFAULT_JOB["preset"] else get_preset(preset).steps
-    if decompose_steps is None:
-        decompose_steps = (DEFAULT_JOB if default else OTHER_MODELS)["decompose_steps"]
-    return Settings(model, preset, steps, decompose_steps, DEFAULT_JOB["seed"] if seed is None else seed, rectify,
-                    refine_steps, refine_motion, dtype, rectify_linear)
-
-
-def job_layers(model, layers: Sequence[str] | None, every: bool = False) -> tuple[str, ...]:
-    """The layers to visualise: ``layers`` (checked), all of the model's if ``every``, else
-    :data:`DEFAULT_JOB`'s for its model; other models need them named."""
-    if every:
-        return tuple(model.layers)
-    if layers:
-        return tuple(model.check_layer(layer) for layer in layers)
-    if model.name == DEFAULT_JOB["model"]:
-        return tuple(DEFAULT_JOB["layers"])
-    raise ValueError(f"name the layers of {model.name} to visualise (the default job covers only "
-                     f"{DEFAULT_JOB['model']}); valid layers are: {', '.join(model.layers)}")
+Log = Callable[[str], None]
+# progress(layer, done, total, stage): ``done`` of the ``total`` steps of this process's units of
+# ``layer`` (every unit's stage-1, stage-2 and stage-3 steps) are finished; ``stage`` is running.
+Progress = Callable[[str, int, int, int], None]
 
 
 def parse_channels(spec: str, num_channels: int, layer: str = "the layer", names: Sequence[str] = ()) -> list[int]:
@@ -182,66 +92,41 @@ def _named_channel(name: str, names: Sequence[str], layer: str) -> int:
     raise ValueError(f"{layer} has no channel named {name!r}; {hint}")
 
 
-def video_shape(model, settings: Settings) -> tuple[int, int, int]:
-    """The ``(T, H, W)`` of the optimised videos: the preset's, else the model's input size."""
-    return tuple(get_preset(settings.preset).shape or model.input_shape)
-
-
-def run_config(model, settings: Settings) -> dict:
-    """What a run folder records its results depend on besides the params: ``settings``, the video
-    shape and, for a model built with hyper-parameters, its config (``model_config``)."""
-    config = {**dataclasses.asdict(settings), "video_shape": video_shape(model, settings)}
-    return {**config, "model_config": dict(model.config)} if model.config else config
-
-
-def kernel_schema(shape: tuple[int, int, int], refined: bool = False) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every (float32) array stored for a kernel with ``(T, H, W)`` videos; with
-    ``refined``, also the refinement's (:data:`REFINED`, each prefixed ``refined_``)."""
-    t, h, w = shape
-    schema = {
-        "video": (t, h, w, 3),
-        "static": (h, w, 3),
-        "displacement": (t, h, w, 2),
-        "reconstruction": (t, h, w, 3),
-        **{name: () for name in SUMMARY + TRUST},
-    }
-    return {**schema, **{f"refined_{name}": schema[name] for name in REFINED}} if refined else schema
-
-
 def layer_key(seed: int, layer: str) -> jax.Array:
     """The PRNG key of ``layer``'s kernels, from the seed and the layer's name."""
     return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(layer.encode()) & 0x7FFFFFFF)
 
 
-def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: Settings,
-                  progress=None, memory_budget: int | None = None) -> dict[int, dict[str, np.ndarray]]:
-    """Stage 1, stage 2 and the motion read-out of ``channels`` of ``layer``, batched:
-    ``{channel: record}`` with the float32 arrays of :func:`kernel_schema`.
+def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
+                  progress=None) -> dict[int, dict[str, np.ndarray]]:
+    """Stage 1, stage 2, the motion read-out (and stage 3) of ``channels`` of ``layer``:
+    ``{channel: arrays}`` with the float32 arrays of ``job.record(model).arrays()``.
 
     Stage 1 folds each channel into ``fold_in(layer key, 1)``; stage 2 gets
-    ``fold_in(fold_in(layer key, 2), channel)`` per kernel. ``progress(stage, done, total)``
-    is called as steps finish. With ``settings.refine_steps``, the refinement (stage 3) starts
-    from stage 2's result with ``fold_in(layer key, 3)``. Every stage batches its kernels within
-    ``memory_budget`` bytes per device (default: the runner's). A record's ``failed`` is 0, or
-    the number of the first stage whose result for the kernel is not finite; its
-    :data:`TRUST` fields come from :func:`kv3d_jax.motion.motion_summary` with stage 1's
-    objective against random videos drawn with ``fold_in(layer key, 4)``.
+    ``fold_in(fold_in(layer key, 2), channel)`` per kernel; stage 3 starts from stage 2's
+    result with ``fold_in(layer key, 3)``. Every stage runs ``job.batch`` kernels per device.
+    ``progress(stage, done, total)`` is called as steps finish. A record's ``failed`` is 0, or
+    the number of the first stage whose result for the kernel is not finite; its trust fields
+    come from :func:`kv3d_jax.motion.motion_summary` with stage 1's objective against random
+    videos drawn with ``fold_in(layer key, 4)``.
     """
-    key = layer_key(settings.seed, layer)
-    common = dict(memory_budget=memory_budget, compute_dtype=jnp.dtype(settings.dtype))
+    key = layer_key(job.seed, layer)
+    common = dict(per_device=job.batch, compute_dtype=jnp.dtype(job.dtype))
+    channels = [int(c) for c in channels]
 
     def report(stage):
         return None if progress is None else lambda done, total, _: progress(stage, done, total)
 
-    config = maximization.preset(settings.preset, steps=settings.steps, rectify=settings.rectified(model, layer))
-    stage1 = maximize(model, params, layer, list(channels), key=jax.random.fold_in(key, 1), callback=report(1),
-                      config=config, **common)
-    dec = decompose(stage1.videos, channels, config=decomposition.Config(steps=settings.decompose_steps),
-                    key=jax.random.fold_in(key, 2), callback=report(2), **common)
+    config = job.stage1(model, layer)
+    stage1 = maximize(model, params, layer, channels, key=jax.random.fold_in(key, 1), callback=report(1),
+                      config=config, share=False, **common)
+    dec = decompose(stage1.videos, channels, config=job.stage2(), key=jax.random.fold_in(key, 2),
+                    callback=report(2), **common)
     targets = np.asarray(channels, np.int64)
     random = reliability.baseline(model, params, layer, targets, jax.random.fold_in(key, 4), config,
                                   compute_dtype=common["compute_dtype"])
     peak = reliability.peak(model, params, layer, targets, stage1.videos, config, common["compute_dtype"])
+
     summary = motion_summary(dec, border=_BORDER, objective=stage1.objective, baseline=random, peak=peak)
     gain = reliability.gain(stage1.objective, random)
     failed = np.where(stage1.failed, 1, np.where(dec.failed, 2, 0))
@@ -252,10 +137,9 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: 
         "reliability": summary.reliability, "reliable": summary.reliable, "aliased": summary.aliased,
         "dead": reliability.dead(peak, gain), "gain": gain, "explained": summary.explained,
     }
-    if settings.refine_steps:
-        config = refinement.Config(motion=settings.refine_motion, steps=settings.refine_steps,
-                                   preset=maximization.preset(settings.preset, rectify=config.rectify))
-        refined = refine(model, params, layer, dec, list(channels), config=config, key=jax.random.fold_in(key, 3),
+    stage3 = job.stage3(model, layer)
+    if stage3 is not None:
+        refined = refine(model, params, layer, dec, channels, config=stage3, key=jax.random.fold_in(key, 3),
                          callback=report(3), **common)
         motion = motion_summary(refined, border=_BORDER)
         failed = np.where(failed == 0, np.where(refined.failed, 3, 0), failed)
@@ -264,13 +148,7 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], settings: 
                       refined_direction_deg=motion.direction_deg, refined_speed=motion.speed)
     arrays["failed"] = failed
     arrays = {name: np.asarray(value, np.float32) for name, value in arrays.items()}
-    return {int(c): {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
-
-
-def media_names(model: str, layer: str, channel: int) -> dict[str, str]:
-    """File names of a kernel's pictures, as :func:`kv3d_jax.writers.save_decomposition` names them."""
-    stem = writers.kernel_stem(model, layer, channel)
-    return {kind: f"{stem}_{kind}.{'png' if kind == 'static' else 'gif'}" for kind in writers.DECOMPOSITION_FILES}
+    return {c: {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
 
 
 @jax.jit
@@ -279,75 +157,125 @@ def _read_out_support(static, displacement):
     return observability(static, displacement, _BORDER) > 0
 
 
-def refined_media_names(model: str, layer: str, channel: int) -> dict[str, str]:
-    """File names of a kernel's refinement pictures, as :func:`kv3d_jax.writers.save_refinement` names them."""
+def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapping[str, np.ndarray],
+                record: KernelRecord) -> None:
+    """Writes kernel ``(layer, channel)``'s pictures (SPEC §4) into ``folder`` from its ``arrays``,
+    named by ``record`` (its refinement's too, for a refined record). A failed kernel's non-finite
+    values are drawn as 0."""
+    arrays = {name: np.nan_to_num(value) for name, value in arrays.items()}
     stem = writers.kernel_stem(model, layer, channel)
-    return {kind: f"{stem}_{kind}.{'png' if kind == 'refined_static' else 'gif'}" for kind in writers.REFINEMENT_FILES}
-
-
-def write_media(folder: Path, model: str, layer: str, channel: int, record: dict) -> None:
-    """Writes a kernel's pictures (SPEC §4) into ``folder`` from its ``record``, and its
-    refinement's beside them if the record holds one. A failed kernel's non-finite values are
-    drawn as 0."""
-    record = {name: np.nan_to_num(value) for name, value in record.items()}
-    valid = np.asarray(_read_out_support(record["static"], record["displacement"]))
-    written = writers.save_decomposition(folder, writers.kernel_stem(model, layer, channel), record["video"],
-                                         record["static"], record["displacement"], record["reconstruction"],
-                                         valid=valid)
-    names = media_names(model, layer, channel)
-    if "refined_static" in record:
-        valid = np.asarray(_read_out_support(record["refined_static"], record["refined_displacement"]))
-        written.update(writers.save_refinement(folder, writers.kernel_stem(model, layer, channel),
-                                               record["refined_video"], record["refined_static"],
-                                               record["refined_displacement"], valid=valid))
-        names.update(refined_media_names(model, layer, channel))
+    valid = np.asarray(_read_out_support(arrays["static"], arrays["displacement"]))
+    written = writers.save_decomposition(folder, stem, arrays["video"], arrays["static"], arrays["displacement"],
+                                         arrays["reconstruction"], valid=valid, media=record.media)
+    if record.refined:
+        valid = np.asarray(_read_out_support(arrays["refined_static"], arrays["refined_displacement"]))
+        written.update(writers.save_refinement(folder, stem, arrays["refined_video"], arrays["refined_static"],
+                                               arrays["refined_displacement"], valid=valid, media=record.media))
+    names = record.files(model, layer, channel)
     if {kind: path.name for kind, path in written.items()} != names:
         raise RuntimeError(f"the writers named their files {written}, not {names}")
 
 
-Log = Callable[[str], None]
-# progress(layer, done, total, stage): ``done`` of the layer's ``total`` steps (every chunk's
-# stage-1, stage-2 and stage-3 steps) are finished; ``stage`` is the one running.
-Progress = Callable[[str, int, int, int], None]
-
-
-def _stage_progress(layer: str, chunks: int, settings: Settings, progress: Progress) -> Callable:
-    """``advance(chunk_index)`` → the ``(stage, done, total)`` callback of :func:`compute_chunk` that
-    reports on ``progress`` over all ``chunks`` chunks of every stage's steps."""
-    lengths = (settings.steps, settings.decompose_steps, settings.refine_steps)
-    per_chunk = sum(lengths)
+def _stage_progress(layer: str, units: int, job: Job, progress: Progress) -> Callable:
+    """``advance(unit_index)`` → the ``(stage, done, total)`` callback of :func:`compute_chunk` that
+    reports on ``progress`` over all ``units`` units of ``layer``."""
+    lengths = (job.steps, job.decompose_steps, job.refine_steps)
+    per_unit = sum(lengths)
 
     def advance(index: int):
         def show(stage: int, done: int, total: int):
-            before = index * per_chunk + sum(lengths[:stage - 1])
-            progress(layer, before + done * lengths[stage - 1] // total, chunks * per_chunk, stage)
+            before = index * per_unit + sum(lengths[:stage - 1])
+            progress(layer, before + done * lengths[stage - 1] // total, units * per_unit, stage)
         return show
 
     return advance
 
 
-def sweep_layer(store: Store, model, params, layer: str, channels: Sequence[int], settings: Settings,
-                chunk: int, out: Path, log: Log | None = None, progress: Progress | None = None,
-                memory_budget: int | None = None) -> int:
-    """Computes and stores every kernel of ``channels`` that ``store`` does not hold yet, ``chunk``
-    kernels per batch, writing each kernel's pictures under ``out/layer/``; returns how many.
+def kernel_flops(model, params, job: Job, layers: Sequence[str]) -> dict[str, float]:
+    """Estimated FLOPs of one kernel of each of ``layers``: its stage-1 and stage-3 steps
+    (:func:`kv3d_jax.plan.stage1_step_flops`); stage 2 does not touch the model and costs the
+    same for every layer of a job."""
+    return {layer: (job.steps + job.refine_steps) * plan.stage1_step_flops(model, params, layer,
+                                                                          job.stage1(model, layer), job.dtype)
+            for layer in layers}
 
-    Files in the layer's folder that are not usable kernel files are reported to ``log``
-    (one message per call), steps done to ``progress`` (:data:`Progress`).
-    """
+
+def check_memory(model, params, job: Job, layers: Sequence[str], budget: int) -> None:
+    """Raises MemoryError if a stage-1 batch of ``job.batch`` kernels per device of any of ``layers``
+    needs more than ``budget`` bytes per device (XLA's memory analysis, scaled on CPU by
+    :func:`kv3d_jax.distribute.analysis_undercount`), naming the layer and the fix."""
+    mesh = distribute.kernel_mesh()
+    for layer in layers:
+        config = job.stage1(model, layer)
+        problem = maximization.problem(model, layer, config, job.video_shape(model), jnp.dtype(job.dtype))
+        length = runner.chunk_length(config.steps, config.chunk, problem, mesh)
+        compiled = runner.compiled_chunk(problem, params, jnp.zeros((1,), jnp.int32), job.batch, length, mesh,
+                                         jnp.dtype(job.dtype))
+        used = distribute.analysis_undercount(mesh) * distribute.program_bytes(compiled)
+        if used > budget:
+            raise MemoryError(f"a batch of {job.batch} kernels of {model.name} {layer} needs {used / 2**30:.2f} GiB "
+                              f"per device, over the budget of {budget / 2**30:.2f} GiB; use a smaller --batch "
+                              "(it is part of the run's settings) or --dtype bfloat16")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else \
+        f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def plan_table(model, job: Job, pending: Mapping[str, Sequence[int]], flops: Mapping[str, float],
+               seconds_per_flop: float | None = None) -> str:
+    """The plan as a person reads it: per layer, the kernels still to compute, their steps and
+    estimated FLOPs, and (given a measured ``seconds_per_flop``) the estimated time."""
+    rows = [f"{'layer':<16} {'kernels':>7} {'steps/kernel':>12} {'TFLOP':>10}" + ("  est. time" if seconds_per_flop else "")]
+    total = 0.0
+    for layer, channels in pending.items():
+        cost = len(channels) * flops[layer]
+        total += cost
+        est = f"  {_duration(cost * seconds_per_flop)}" if seconds_per_flop else ""
+        rows.append(f"{layer:<16} {len(channels):>7} {job.steps_per_kernel():>12} {cost / 1e12:>10.3g}{est}")
+    est = f"  {_duration(total * seconds_per_flop)}" if seconds_per_flop else ""
+    rows.append(f"{'all':<16} {sum(map(len, pending.values())):>7} {'':>12} {total / 1e12:>10.3g}{est}")
+    return "\n".join(rows)
+
+
+def sweep(store: Store, model, params, job: Job, units: Sequence[plan.Unit], out: Path, log: Log | None = None,
+          progress: Progress | None = None) -> int:
+    """Computes and stores the kernels of ``units`` (this process's share), unit by unit, writing
+    each kernel's pictures under ``out/layer/``; returns how many kernels. After every unit,
+    ``log`` gets the running estimate of the time left (from the seconds per FLOP so far)."""
     log = log or (lambda message: None)
-    audit = store.audit(layer, kernel_schema(video_shape(model, settings), settings.refine_steps > 0))
-    for problem in audit.problems:
-        log(f"warning: {problem}")
-    pending = [c for c in channels if c not in audit.done]
-    batches = [pending[i:i + chunk] for i in range(0, len(pending), chunk)]
-    advance = _stage_progress(layer, len(batches), settings, progress) if progress else lambda index: None
-    for index, batch in enumerate(batches):
-        for channel, record in compute_chunk(model, params, layer, batch, settings, advance(index),
-                                                   memory_budget).items():
-            write_media(output_path(out, layer), model.name, layer, channel, record)
-            store.write(layer, channel, record)
-    return len(pending)
+    record = job.record(model)
+    total = sum(unit.flops for unit in units)
+    per_layer = {layer: [u for u in units if u.layer == layer] for layer in dict.fromkeys(u.layer for u in units)}
+    start, done, kernels = time.perf_counter(), 0.0, 0
+    for layer, mine in per_layer.items():
+        advance = _stage_progress(layer, len(mine), job, progress) if progress else lambda index: None
+        for index, unit in enumerate(mine):
+            for channel, arrays in compute_chunk(model, params, layer, unit.channels, job, advance(index)).items():
+                write_media(output_path(out, layer), model.name, layer, channel, arrays, record)
+                store.write(layer, channel, arrays)
+            done += unit.flops
+            kernels += len(unit.channels)
+            if not done or done >= total:
+                continue
+            per_flop = (time.perf_counter() - start) / done
+            if kernels == len(unit.channels):
+                rest = {}
+                for later in units[units.index(unit) + 1:]:
+                    rest.setdefault(later.layer, []).extend(later.channels)
+                flops = {u.layer: u.flops / len(u.channels) for u in units}
+                log(f"{_process()}measured on the first {kernels} kernels, the rest of this process's share:\n"
+                    + plan_table(model, job, rest, flops, per_flop))
+            else:
+                log(f"{_process()}{kernels} kernels done, about {_duration((total - done) * per_flop)} left")
+    return kernels
+
+
+def _process() -> str:
+    """``"process i of n: "`` under ``jax.distributed``, else nothing."""
+    return f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
 
 
 def _mean(values) -> float:
@@ -356,87 +284,113 @@ def _mean(values) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def build_layer_page(store: Store, model, layer: str, wanted: int, settings: Settings, out: Path) -> gallery.LayerView:
+def build_layer_page(store: Store, model, layer: str, wanted: int, job: Job, out: Path) -> gallery.LayerView:
     """Writes ``layer``'s page and figures from the kernels ``store`` holds (re-drawing any missing
     picture from its record); ``wanted``: how many kernels of the layer were asked for."""
-    schema = kernel_schema(video_shape(model, settings), settings.refine_steps > 0)
-    done = sorted(store.audit(layer, schema).done)
-    records = {c: store.read(layer, c, schema) for c in done}
+    record = job.record(model)
+    done = sorted(store.audit(layer, record.arrays()).done)
+    arrays = {c: store.read(layer, c, record.arrays()) for c in done}
     folder = output_path(out, layer)
     labels = model.names_of(layer)
     kernels = []
-    for c, r in records.items():
-        names = media_names(model.name, layer, c)
-        if settings.refine_steps:
-            names.update(refined_media_names(model.name, layer, c))
-        if not all((folder / name).is_file() for name in names.values()):
-            write_media(folder, model.name, layer, c, r)
-        kernels.append(gallery.KernelView(
-            channel=c, objective=float(r["objective"]), direction_deg=float(r["direction_deg"]),
-            speed=float(r["speed"]), psnr=float(r["psnr"]),
-            media={kind: f"{layer}/{name}" for kind, name in names.items()},
-            reliability=float(r["reliability"]), reliable=bool(r["reliable"]), dead=bool(r["dead"]),
-            aliased=bool(r["aliased"]), failed=int(r["failed"]), name=labels[c] if labels else "",
-        ))
+    for c, a in arrays.items():
+        files = record.files(model.name, layer, c)
+        if not all((folder / name).is_file() for name in files.values()):
+            write_media(folder, model.name, layer, c, a, record)
+        kernels.append(record.view(layer, c, a, {kind: f"{layer}/{name}" for kind, name in files.items()},
+                                   labels[c] if labels else ""))
     title = f"{model.name} {layer}"
     figures = {}
-    if records:
+    if arrays:
         sheet = gallery.save_figure(
-            gallery.contact_sheet([r["static"] for r in records.values()], done, f"{title}: static textures",
+            gallery.contact_sheet([a["static"] for a in arrays.values()], done, f"{title}: static textures",
                                   [labels[c] for c in done] if labels else ()),
             output_path(folder, f"{model.name}_{layer}_statics.png"))
         hist = gallery.save_figure(
-            gallery.motion_histogram([r["direction_deg"] for r in records.values()],
-                                     [r["speed"] for r in records.values()], f"{title}: motion"),
+            gallery.motion_histogram([a["direction_deg"] for a in arrays.values()],
+                                     [a["speed"] for a in arrays.values()], f"{title}: motion"),
             output_path(folder, f"{model.name}_{layer}_motion.png"))
         figures = {"static textures": f"{layer}/{sheet.name}", "directions and speeds": f"{layer}/{hist.name}"}
     notes = [f"{len(done)} of {max(wanted, len(done))} kernels finished"] if len(done) < wanted else []
     if layer in model.linear_layers:
         notes.append(f"{layer}'s output is linear in the input, so the optimum of a channel's mean would be a flat "
                      "colour: its channels are shown rectified (maximised after a ReLU)"
-                     if settings.rectified(model, layer) else
+                     if job.rectified(model, layer) else
                      f"{layer}'s output is linear in the input, so the optimum of a channel's mean is a flat colour")
-    refined = f", {settings.refine_steps} refinement steps ({settings.refine_motion} motion)" if settings.refine_steps else ""
-    subtitle = (f"{settings.preset} preset{', rectified' if settings.rectified(model, layer) else ''}, "
-                f"{settings.steps} stage-1 "
-                f"steps, {settings.decompose_steps} decomposition steps"
-                f"{refined}, seed {settings.seed}")
-    page = gallery.write_page(output_path(out, f"{layer}.html"), gallery.layer_page(f"{title}: {subtitle}", kernels, figures, notes))
+    page = gallery.write_page(output_path(out, f"{layer}.html"),
+                              gallery.layer_page(f"{title}: {job.describe(model, layer)}", kernels, figures, notes))
     return gallery.LayerView(layer=layer, page=page.name, figures=figures, done=len(done), total=max(wanted, len(done)),
                              mean_psnr=_mean([k.psnr for k in kernels]), mean_speed=_mean([k.speed for k in kernels]),
                              reliable=sum(k.reliable for k in kernels), dead=sum(k.dead for k in kernels))
 
 
-def visualize(model, params, layers: Sequence[str], channels: str, out, settings: Settings, chunk: int,
-              log: Log | None = None, progress: Progress | None = None,
-              memory_budget: int | None = None) -> Path:
-    """Runs (or resumes) the sweep of ``channels`` (``"all"``, ``"0-15"``, ``"3,7"``) of each of
-    ``layers`` into run folder ``out``, then writes the gallery; returns the index page's path.
+def build_gallery(store: Store, model, job: Job, out, wanted: Mapping[str, int] | None = None) -> Path:
+    """Writes the gallery of run folder ``out`` from what ``store`` holds: a page per layer that has
+    kernels (or is in ``wanted``, layer → kernels asked for) and the index; returns the index's path."""
+    out = Path(out)
+    wanted = dict(wanted or {})
+    shown = [layer for layer in model.layers if layer in wanted or layer in store.layers()]
+    views = [build_layer_page(store, model, layer, wanted.get(layer, 0), job, out) for layer in shown]
+    return gallery.write_page(output_path(out, "index.html"),
+                              gallery.index_page(f"{model.name}: what its kernels respond to", views))
 
-    Notes and warnings about the folder's contents go to ``log`` (one message per call), steps
-    done to ``progress`` (:data:`Progress`); nothing is printed. ``memory_budget``: bytes per
-    device each stage's batches may use (default: the runner's).
+
+def visualize(model, params, job: Job, layers: Sequence[str], channels: str = "all", out="kv3d_out",
+              log: Log | None = None, progress: Progress | None = None, chunk: int | None = None) -> Path | None:
+    """Runs (or resumes) ``job`` on ``channels`` (``"all"``, ``"0-15"``, ``"3,7"``) of each of
+    ``layers`` into run folder ``out``, then writes the gallery; returns the index page's path
+    (None on a process other than 0 of a ``jax.distributed`` run, which writes no gallery).
+
+    Every process of a ``jax.distributed`` run calls it with the same arguments (see the module
+    doc). Notes, warnings, the plan and the time left go to ``log`` (one message per call), steps
+    done to ``progress`` (:data:`Progress`); nothing is printed. ``chunk``: kernels a process
+    computes and stores together, rounded up to ``job.batch`` on every local device (default one
+    such batch); results do not depend on it.
     """
     log = log or (lambda message: None)
-    if chunk < 1:
+    if job.model != model.name:
+        raise ValueError(f"the job is for model {job.model}, not {model.name}")
+    if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be at least 1 kernel, got {chunk}")
-    if settings.model != model.name:
-        raise ValueError(f"settings are for model {settings.model}, not {model.name}")
     layers = [model.check_layer(layer) for layer in layers]
     wanted = {layer: parse_channels(channels, model.num_channels(params, layer), layer, model.names_of(layer))
               for layer in layers}
-    out = Path(out)
-    with Store.open(out, run_config(model, settings), params_checksum(params)) as store:
-        for note in store.notes:
-            log(f"note: {note}")
-        for problem in store.leftovers + store.foreign_entries(model.layers):
-            log(f"warning: {problem}")
+    out, record = Path(out), job.record(model)
+    first = jax.process_index() == 0
+    config, checksum = job.config(model), params_checksum(params)
+    store = Store.open(out, config, checksum) if first else None
+    try:
+        if first:
+            for note in store.notes:
+                log(f"note: {note}")
+            for problem in store.leftovers + store.foreign_entries(model.layers):
+                log(f"warning: {problem}")
+            for layer in layers:
+                for problem in store.audit(layer, record.arrays()).problems:
+                    log(f"warning: {problem}")
+        # Every process lists the finished kernels only once process 0 has checked them all, and
+        # none writes before all have listed them: they all derive the same plan.
+        distribute.barrier("kv3d visualize: run folder checked")
+        store = store or Store.join(out, config, checksum)
+        pending = {layer: [c for c in wanted[layer] if c not in store.finished(layer)] for layer in layers}
+        distribute.barrier("kv3d visualize: finished kernels listed")
         for layer in layers:
-            if not sweep_layer(store, model, params, layer, wanted[layer], settings, chunk, out, log, progress,
-                               memory_budget):
+            if not pending[layer] and first:
                 log(f"{model.name} {layer}: all {len(wanted[layer])} kernels already in {out}")
-        # The index covers every layer of the run folder, also those of earlier invocations.
-        shown = [layer for layer in model.layers if layer in wanted or layer in store.layers()]
-        views = [build_layer_page(store, model, layer, len(wanted.get(layer, ())), settings, out) for layer in shown]
-        return gallery.write_page(output_path(out, "index.html"),
-                                  gallery.index_page(f"{model.name}: what its kernels respond to", views))
+        pending = {layer: channels for layer, channels in pending.items() if channels}
+        flops = kernel_flops(model, params, job, list(pending))
+        width = job.batch * jax.local_device_count()
+        width = width * -(-(chunk or width) // width)
+        shares = plan.deal(plan.units(pending, width, flops), jax.process_count())
+        if pending and first:
+            log(f"plan: {sum(map(len, pending.values()))} kernels on {jax.process_count()} process(es) × "
+                f"{jax.local_device_count()} {jax.devices()[0].platform} device(s), {job.batch} per device per "
+                f"batch\n{plan_table(model, job, pending, flops)}")
+        sweep(store, model, params, job, shares[jax.process_index()], out, log, progress)
+        distribute.barrier("kv3d visualize: every share done")
+        if not first:
+            return None
+        return build_gallery(store, model, job, out, {layer: len(c) for layer, c in wanted.items()})
+    finally:
+        if store is not None:
+            store.close()

@@ -249,6 +249,7 @@ def refine(
     batch_size: int | None = None,
     compute_dtype=jnp.float32,
     callback: runner.Callback | None = None,
+    per_device: int | None = None,
 ) -> Refinement:
     """Maximises the objective for each kernel of ``layer`` over a static image and its displacements.
 
@@ -263,7 +264,7 @@ def refine(
       config: the refinement's settings and stage 1's (:class:`Config`).
       key: PRNG key (default ``PRNGKey(0)``); each kernel's keys come from it and its
         channel, so its result does not depend on its batch.
-      mesh, memory_budget, batch_size, compute_dtype, callback: as for
+      mesh, memory_budget, batch_size, per_device, compute_dtype, callback: as for
         :func:`kv3d_jax.maximize` (``callback(steps_done, steps_total, mean_objective)``).
 
     From noise under ``jax.distributed``, each process refines its own share of the channels;
@@ -294,7 +295,7 @@ def refine(
     result = runner.run(problem(model, layer, config, shape, decomposition is not None, jnp.dtype(compute_dtype)),
                         params, target, ids, config.steps, chunk=config.chunk, key=key, mesh=mesh,
                         memory_budget=memory_budget, batch_size=batch_size, compute_dtype=compute_dtype,
-                        callback=callback, share=decomposition is None)
+                        callback=callback, share=decomposition is None, per_device=per_device)
     if decomposition is None:
         outputs, quality = result.outputs, np.full(len(result.ids), np.nan, np.float32)
     else:

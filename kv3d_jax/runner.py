@@ -202,8 +202,13 @@ def compiled_chunk(problem: Problem, model_params: Params, targets: Any, per_dev
 
 
 def _batch_size(problem, model_params, targets, mesh, length: int, k: int, batch_size, memory_budget,
-                compute_dtype) -> int:
-    """Kernels per batch: ``batch_size`` rounded up to the mesh, else what ``memory_budget`` fits."""
+                compute_dtype, per_device=None) -> int:
+    """Kernels per batch: ``per_device`` on every device, else ``batch_size`` rounded up to the
+    mesh, else what ``memory_budget`` fits."""
+    if per_device is not None:
+        if per_device < 1:
+            raise ValueError(f"per_device must be at least 1 kernel, got {per_device}")
+        return per_device * mesh.devices.size
     if batch_size is not None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -231,10 +236,11 @@ def _signature(tree: Any) -> tuple:
 
 
 def _optimise(problem, model_params, targets, keys, mesh, k, steps, chunk, memory_budget, batch_size, compute_dtype,
-              callback):
+              callback, per_device):
     """:func:`run`'s batch loop over ``k`` kernels: their outputs and failures, batch by batch."""
     length = chunk_length(steps, chunk, problem, mesh)
-    batch = _batch_size(problem, model_params, targets, mesh, length, k, batch_size, memory_budget, compute_dtype)
+    batch = _batch_size(problem, model_params, targets, mesh, length, k, batch_size, memory_budget, compute_dtype,
+                        per_device)
     init, advance, finish = _programs(problem, mesh, length)
     params = cast_floats(model_params, compute_dtype)
     rest = steps % length
@@ -281,6 +287,7 @@ def run(
     compute_dtype=jnp.float32,
     callback: Callback | None = None,
     share: bool = True,
+    per_device: int | None = None,
 ) -> Result:
     """Optimises ``problem`` for every kernel: ``steps`` steps each, batched, sharded and chunked.
 
@@ -303,9 +310,15 @@ def run(
         counted over all batches.
       share: split the kernels between processes (``jax.distributed``); False when ``targets``
         already are this process's share (e.g. its stage-1 videos).
+      per_device: exactly this many kernels on every device in each compiled batch (the last
+        batch padded), whatever ``batch_size``, ``memory_budget`` and the number of kernels:
+        the compiled shape a kernel runs in is then the same on any mesh, so its result is
+        bit-identical whichever kernels, devices or processes share the run (a batch of
+        another shape may pick other convolution algorithms or reduction orders).
 
     Returns:
-      A :class:`Result` for this process's kernels, in the order of ``ids``.
+      A :class:`Result` for this process's kernels, in the order of ``ids``; with no kernels
+      (e.g. a process whose share is empty), outputs of the problem's structure with 0 rows.
     """
     if steps < 0:
         raise ValueError(f"steps must be at least 0, got {steps}")
@@ -321,10 +334,18 @@ def run(
     k = len(ids)
     mesh = distribute.as_kernel_mesh(mesh)
     if k == 0:
-        return Result(None, np.zeros(0, bool), ids)
+        return Result(_no_outputs(problem, model_params, targets, keys, compute_dtype), np.zeros(0, bool), ids)
     outputs, failed = _optimise(problem, model_params, targets, keys, mesh, k, steps, chunk, memory_budget,
-                                batch_size, compute_dtype, callback)
+                                batch_size, compute_dtype, callback, per_device)
     return Result(jax.tree.map(lambda *leaves: np.concatenate(leaves), *outputs), np.concatenate(failed), ids)
+
+
+def _no_outputs(problem: Problem, model_params: Params, targets: Any, keys: jax.Array, compute_dtype) -> Any:
+    """The problem's outputs for zero kernels: every leaf shaped ``(0, ...)`` as one kernel's."""
+    one = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf)[1:], jnp.result_type(leaf)), (keys, targets))
+    params = jax.eval_shape(lambda p: cast_floats(p, compute_dtype), model_params)
+    shapes = jax.eval_shape(lambda p, key, target: problem.outputs(p, problem.init(key, target)), params, *one)
+    return jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), shapes)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:

@@ -12,7 +12,9 @@ whole, and a sweep that is killed resumes with every kernel whose file exists. A
 file is never rewritten. A file that is there but fails its check (unreadable, wrong
 arrays or shapes, another kernel's record) did not come from an interrupted write; it is
 moved to ``quarantine/`` and its kernel computed again. Files that a store never writes
-are reported and left alone. One process at a time may write into a run folder.
+are reported and left alone. One run at a time may write into a run folder: its first process
+opens it (:meth:`Store.open`, which locks it), the other processes of a ``jax.distributed`` run
+join it (:meth:`Store.join`) and each writes only its own kernels.
 
 Every file of a run folder (kernel files, pictures, figures, pages) is written under a
 temporary name ``.{name}.tmp{pid}`` or ``.{name}.tmp{pid}{suffix}`` in its own folder and
@@ -212,6 +214,17 @@ class Store:
             raise
         return cls(root, run, lock_fd, notes, leftovers)
 
+    @classmethod
+    def join(cls, root, config: dict, checksum: str) -> "Store":
+        """Joins run folder ``root`` that process 0 of this ``jax.distributed`` run has opened: its
+        ``run.json`` must record ``config`` and ``checksum``. Takes no lock and removes nothing."""
+        root = Path(root)
+        if not (root / RUN_FILE).is_file():
+            raise StoreError(f"{root} holds no {RUN_FILE}: process 0 of this run has not opened it; start every "
+                             "process with the same --out on a filesystem they share")
+        run, notes = cls._run_record(root, _as_json(config), checksum)
+        return cls(root, run, None, notes, ())
+
     @staticmethod
     def _run_record(root: Path, config: dict, checksum: str) -> tuple[dict, tuple[str, ...]]:
         run_file = root / RUN_FILE
@@ -263,6 +276,12 @@ class Store:
         """The layers that have a kernels folder, sorted by name."""
         folder = self.root / KERNELS
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def finished(self, layer: str) -> frozenset[int]:
+        """The channels of ``layer`` with a kernel file, by name alone (:meth:`audit` checks them)."""
+        folder = self.root / KERNELS / layer
+        names = (p.name for p in folder.iterdir()) if folder.is_dir() else ()
+        return frozenset(int(name[:-4]) for name in names if _KERNEL_NAME.fullmatch(name))
 
     def foreign_entries(self, layers) -> tuple[Problem, ...]:
         """Entries of ``kernels/`` other than the folders of ``layers`` (a model's layers): reported, left alone."""

@@ -78,6 +78,14 @@ def save_png(path, image) -> Path:
 
 
 DECOMPOSITION_FILES = ("stage1", "static", "deform", "motion", "recon", "panel")
+# The formats moving pictures can be written in; the first is the default of a job.
+MEDIA = ("gif",)
+
+
+def media_file(stem: str, kind: str, media: str) -> str:
+    """The file name of picture ``kind`` of a kernel: ``{stem}_{kind}.png`` for a still image,
+    else ``{stem}_{kind}.{media}``."""
+    return f"{stem}_{kind}.{'png' if kind in ('static', 'refined_static') else media}"
 
 
 def _motion_pictures(displacement, valid):
@@ -89,7 +97,7 @@ def _motion_pictures(displacement, valid):
 
 
 def save_decomposition(out_dir, stem: str, video, static, displacement, reconstruction, valid=None,
-                       fps: float = 8.0) -> dict[str, Path]:
+                       fps: float = 8.0, media: str = "gif") -> dict[str, Path]:
     """Writes one kernel's stage-2 pictures (SPEC §4) as ``out_dir/{stem}_{kind}.{gif,png}``.
 
     Inputs: ``video`` and ``reconstruction`` ``(T, H, W, 3)`` in [0, 1], ``static``
@@ -127,7 +135,8 @@ def save_decomposition(out_dir, stem: str, video, static, displacement, reconstr
 REFINEMENT_FILES = ("refined_video", "refined_static", "refined_deform", "refined_motion")
 
 
-def save_refinement(out_dir, stem: str, video, static, displacement, valid=None, fps: float = 8.0) -> dict[str, Path]:
+def save_refinement(out_dir, stem: str, video, static, displacement, valid=None, fps: float = 8.0,
+                    media: str = "gif") -> dict[str, Path]:
     """Writes one kernel's texture-plus-motion refinement (:mod:`kv3d_jax.refine`) beside its
     stage-2 pictures, as ``out_dir/{stem}_{kind}.{gif,png}`` (:data:`REFINEMENT_FILES`).
 

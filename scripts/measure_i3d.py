@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kv3d_jax import agreement, decomposition, pipeline, tuning, zoo
+from kv3d_jax import agreement, decomposition, tuning, zoo
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import maximize, preset
 from kv3d_jax.motion import motion_summary
@@ -124,11 +124,10 @@ def selective(layers):
 
 
 def shares(run_dir):
-    settings = agreement.run_settings(run_dir)
-    model, params = zoo.load(settings.model)
-    with Store.open(run_dir, pipeline.run_config(model, settings), params_checksum(params)) as store:
+    job, model, params = agreement.load_run(run_dir)
+    with Store.open(run_dir, job.config(model), params_checksum(params)) as store:
         for layer in [layer for layer in model.layers if layer in store.layers()]:
-            schema = pipeline.kernel_schema(pipeline.video_shape(model, settings), settings.refine_steps > 0)
+            schema = job.record(model).arrays()
             records = {c: store.read(layer, c, schema) for c in sorted(store.audit(layer, schema).done)}
             field = lambda name: np.asarray([float(r[name]) for r in records.values()])
             n, dead, reliable = len(records), field("dead").astype(bool), field("reliable").astype(bool)

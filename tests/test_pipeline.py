@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import html.parser
+import json
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from kv3d_jax import cli, decompose, decomposition, maximization, maximize, params_io, pipeline, reliability, zoo
+from kv3d_jax import cli, decompose, decomposition, job, maximization, maximize, params_io, pipeline, reliability, zoo
+from kv3d_jax import record as record_
+from kv3d_jax.job import Job
 from kv3d_jax.models import UnknownLayerError, motionnet
 from kv3d_jax.store import StoreError, params_checksum
 
@@ -30,12 +33,13 @@ from tiny_model import tiny
 TINY, TINY_PARAMS = tiny((6, 16, 16), features=8)
 # 4 steps a stage: stage 1 then compiles a 4-step unrolled chunk, not a 10-step one (2.5 times the
 # compile); what these tests check (storage, keys, resume, quarantine, the gallery) is the same.
-SETTINGS = pipeline.Settings(model="tiny", preset="native", steps=4, decompose_steps=4, seed=5)
+# Kernels are batched two per device, so a sweep of 8 stores them in 4 units a killed run can stop between.
+JOB = Job(model="tiny", preset="native", steps=4, decompose_steps=4, seed=5, batch=2, media="gif")
 
 
-def _sweep(out, channels="all", settings=SETTINGS, chunk=4) -> tuple[Path, str]:
+def _sweep(out, channels="all", job=JOB, chunk=None) -> tuple[Path, str]:
     messages = []
-    index = pipeline.visualize(TINY, TINY_PARAMS, ["b"], channels, out, settings, chunk, log=messages.append)
+    index = pipeline.visualize(TINY, TINY_PARAMS, job, ["b"], channels, out, log=messages.append, chunk=chunk)
     return index, "\n".join(messages)
 
 
@@ -49,50 +53,51 @@ def _stats(out) -> dict[int, tuple[int, int]]:
 
 
 def _assert_same_kernels(a: dict, b: dict) -> None:
+    """Bit for bit: a kernel's record depends on its inputs and the job alone (pipeline's module doc)."""
     assert sorted(a) == sorted(b)
     for channel in a:
         assert sorted(a[channel]) == sorted(b[channel])
         for name in a[channel]:
-            if a[channel][name].dtype.kind == "f":
-                # A kernel's numbers (objective, direction, speed) reduce over a whole clip, for a batch
-                # of kernels at once: the batch's reduction order reaches them at a few ulps (1.4e-6
-                # relative measured), and the trust scores, ratios of such sums, at about 1e-5. The
-                # arrays themselves come out bit-identical.
-                tolerance = 1e-4 if name in pipeline.TRUST else 1e-5 if a[channel][name].ndim == 0 else 1e-6
-                np.testing.assert_allclose(a[channel][name], b[channel][name], rtol=tolerance, atol=1e-6,
-                                           err_msg=f"channel {channel}: {name}")
-            else:
-                assert np.array_equal(a[channel][name], b[channel][name]), f"channel {channel}: {name}"
+            x, y = a[channel][name], b[channel][name]
+            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"channel {channel}: {name}"
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    """Every kernel of ``b``, swept in one go with chunks of 4."""
+    """Every kernel of ``b``, swept in one go in units of 4 kernels."""
     out = tmp_path_factory.mktemp("reference")
-    _sweep(out)
+    _sweep(out, chunk=4)
     return _kernels(out)
 
 
-def test_job_settings_fill_in_the_default_job_and_the_presets():
-    job = pipeline.DEFAULT_JOB
-    assert pipeline.job_settings() == pipeline.Settings(job["model"], job["preset"], job["steps"],
-                                                        job["decompose_steps"], job["seed"])
-    assert pipeline.job_settings(preset="paper").steps == 1500
-    assert pipeline.job_settings("c3d") == pipeline.Settings("c3d", "paper", 1500, 2000, 0)
-    assert pipeline.job_settings("c3d", "native", 7, 9, 1, True) == pipeline.Settings("c3d", "native", 7, 9, 1, True)
+def test_a_job_fills_in_the_default_job_and_the_presets_and_reads_back_from_its_record():
+    default = job.DEFAULTS[job.DEFAULT_MODEL]
+    assert Job.create() == Job(job.DEFAULT_MODEL, default["preset"], default["steps"], default["decompose_steps"])
+    assert Job.create(preset="paper").steps == 1500
+    assert Job.create("c3d") == Job("c3d", "paper", 1500, 2000, 0)
+    assert Job.create("c3d", "native", 7, 9, seed=1, rectify=True) == Job("c3d", "native", 7, 9, 1, True)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
-        pipeline.job_settings(preset="fast")
-    with pytest.raises(ValueError, match="decompose_steps must be at least 1, got 0"):
-        pipeline.job_settings(decompose_steps=0)
+        Job.create(preset="fast")
+    with pytest.raises(ValueError, match="decompose_steps must be an integer of at least 1, got 0"):
+        Job.create(decompose_steps=0)
+    with pytest.raises(ValueError, match="unknown media 'avi'; valid ones are: "):
+        Job.create(media="avi")
+    config = json.loads(json.dumps(JOB.config(TINY)))
+    assert Job.from_config(config) == JOB and config["video_shape"] == [6, 16, 16]
+    with pytest.raises(ValueError, match="the run record has no batch, media: it was written by another kv3d"):
+        Job.from_config({k: v for k, v in config.items() if k not in ("batch", "media")})
+    # The stage configs are resolved from the job alone.
+    assert JOB.stage1(TINY, "a") == maximization.preset("native", steps=4, rectify=True)
+    assert JOB.stage2() == decomposition.Config(steps=4) and JOB.stage3(TINY, "b") is None
 
 
 def test_job_layers():
-    assert pipeline.job_layers(motionnet.model(), None) == motionnet.CONV_LAYERS
-    assert pipeline.job_layers(TINY, None, every=True) == ("a", "b")
+    assert job.layers(motionnet.model(), None) == motionnet.CONV_LAYERS
+    assert job.layers(TINY, None, every=True) == ("a", "b")
     with pytest.raises(ValueError, match="name the layers of tiny to visualise .* valid layers are: a, b"):
-        pipeline.job_layers(TINY, None)
+        job.layers(TINY, None)
     with pytest.raises(UnknownLayerError, match="no layer 'c'; valid layers are: a, b"):
-        pipeline.job_layers(TINY, ["b", "c"])
+        job.layers(TINY, ["b", "c"])
 
 
 def test_weights_are_a_params_file_or_a_checkpoint_converted_on_the_fly(tmp_path):
@@ -165,17 +170,17 @@ def test_a_sweep_stores_every_kernel_and_a_gallery_with_local_files_only(tmp_pat
     record = kernels[1]
     assert record["video"].shape == (6, 16, 16, 3) and record["displacement"].shape == (6, 16, 16, 2)
     # A speed that cannot be told from its temporal alias is stored as NaN, nothing else.
-    assert all(np.isfinite(kernels[c][name]) for c in kernels for name in pipeline.SUMMARY + pipeline.TRUST
+    assert all(np.isfinite(kernels[c][name]) for c in kernels for name in record_.SUMMARY + record_.TRUST
                if name != "speed")
     assert all(np.isfinite(kernels[c]["speed"]) != bool(kernels[c]["aliased"]) for c in kernels)
     assert record["objective"].shape == () and str(record["layer"]) == "b" and int(record["channel"]) == 1
     # Each stage got the keys compute_chunk documents: (seed, layer, channel) and nothing else.
-    key = pipeline.layer_key(SETTINGS.seed, "b")
-    stage1 = maximize(TINY, TINY_PARAMS, "b", channels=[1], config=maximization.preset("native", steps=SETTINGS.steps),
+    key = pipeline.layer_key(JOB.seed, "b")
+    stage1 = maximize(TINY, TINY_PARAMS, "b", channels=[1], config=maximization.preset("native", steps=JOB.steps),
                       key=jax.random.fold_in(key, 1))
     np.testing.assert_allclose(record["video"], stage1.videos[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(record["objective"], stage1.objective[0], rtol=1e-6, atol=1e-6)
-    stage2 = decompose(stage1.videos, config=decomposition.Config(steps=SETTINGS.decompose_steps),
+    stage2 = decompose(stage1.videos, config=decomposition.Config(steps=JOB.decompose_steps),
                        key=jax.random.fold_in(jax.random.fold_in(key, 2), 1)[None])
     np.testing.assert_allclose(record["displacement"], stage2.displacement[0], rtol=1e-6, atol=1e-6)
     links = _links(index) + _links(tmp_path / "b.html")
@@ -191,13 +196,13 @@ def test_a_sweep_stores_every_kernel_and_a_gallery_with_local_files_only(tmp_pat
 
 @pytest.mark.slow
 def test_linear_layers_are_rectified_and_every_record_says_how_far_to_trust_it(tmp_path):
-    assert SETTINGS.rectified(TINY, "a") and not SETTINGS.rectified(TINY, "b")
-    assert not dataclasses.replace(SETTINGS, rectify_linear=False).rectified(TINY, "a")
-    assert dataclasses.replace(SETTINGS, rectify=True).rectified(TINY, "b")
-    pipeline.visualize(TINY, TINY_PARAMS, ["a"], "0-2", tmp_path, SETTINGS, 4)
+    assert JOB.rectified(TINY, "a") and not JOB.rectified(TINY, "b")
+    assert not dataclasses.replace(JOB, rectify_linear=False).rectified(TINY, "a")
+    assert dataclasses.replace(JOB, rectify=True).rectified(TINY, "b")
+    pipeline.visualize(TINY, TINY_PARAMS, JOB, ["a"], "0-2", tmp_path)
     records = {int(p.stem): dict(np.load(p)) for p in (tmp_path / "kernels" / "a").glob("*.npz")}
-    key = pipeline.layer_key(SETTINGS.seed, "a")
-    config = maximization.preset("native", steps=SETTINGS.steps, rectify=True)
+    key = pipeline.layer_key(JOB.seed, "a")
+    config = maximization.preset("native", steps=JOB.steps, rectify=True)
     stage1 = maximize(TINY, TINY_PARAMS, "a", channels=[0, 1, 2], config=config, key=jax.random.fold_in(key, 1))
     random = reliability.baseline(TINY, TINY_PARAMS, "a", np.arange(3), jax.random.fold_in(key, 4), config)
     gain = np.asarray(reliability.gain(stage1.objective, random))
@@ -246,12 +251,14 @@ def test_a_resumed_sweep_computes_only_missing_kernels(tmp_path, reference):
 def test_a_run_folder_with_other_settings_is_refused(tmp_path):
     _sweep(tmp_path, channels="0-3")
     with pytest.raises(StoreError, match="steps: 4 there, 5 now.*Use another run folder"):
-        _sweep(tmp_path, settings=pipeline.Settings("tiny", "native", 5, 4, 5))
+        _sweep(tmp_path, job=dataclasses.replace(JOB, steps=5))
     with pytest.raises(StoreError, match="rectify: False there, True now"):
-        _sweep(tmp_path, settings=pipeline.Settings("tiny", "native", 4, 4, 5, rectify=True))
+        _sweep(tmp_path, job=dataclasses.replace(JOB, rectify=True))
+    with pytest.raises(StoreError, match="batch: 2 there, 3 now"):
+        _sweep(tmp_path, job=dataclasses.replace(JOB, batch=3))
     other = jax.tree.map(lambda x: x + 1, TINY_PARAMS)
     with pytest.raises(StoreError, match="model params: sha256"):
-        pipeline.visualize(TINY, other, ["b"], "0-3", tmp_path, SETTINGS, 3)
+        pipeline.visualize(TINY, other, JOB, ["b"], "0-3", tmp_path)
 
 
 @pytest.mark.slow
@@ -264,7 +271,7 @@ def test_corrupt_kernel_files_are_quarantined_and_recomputed(tmp_path, reference
     (folder / "readme.txt").write_text("mine")
     (tmp_path / "kernels" / "conv9").mkdir()
     before = _stats(tmp_path)
-    _, log = _sweep(tmp_path, channels="0-3", chunk=1)
+    _, log = _sweep(tmp_path, channels="0-3")
     assert f"warning: {folder / '1.npz'}: unreadable kernel file" in log
     assert f"(quarantined to {tmp_path / 'quarantine' / 'b' / '1.npz.0'})" in log
     assert f"warning: {folder / '2.npz'}: video is float32[6, 4, 16, 3], expected float32[6, 16, 16, 3]" in log
@@ -280,7 +287,7 @@ def test_corrupt_kernel_files_are_quarantined_and_recomputed(tmp_path, reference
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_finished_kernels(tmp_path, reference):
     folder = tmp_path / "kernels" / "b"
-    # The script below writes kernels one by one (chunks of 1), each a few tenths of a second apart.
+    # The script below writes kernels two by two, each unit a few tenths of a second apart.
     proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
@@ -298,15 +305,15 @@ def test_a_killed_sweep_resumes_without_redoing_finished_kernels(tmp_path, refer
     survivors = _stats(tmp_path)
     assert 1 <= len(survivors) < 8, f"the kill came too late to test anything: {sorted(survivors)}"
 
-    _, log = _sweep(tmp_path, chunk=1)
+    _, log = _sweep(tmp_path)
     after = _stats(tmp_path)
     assert sorted(after) == list(range(8))
     assert {c: after[c] for c in survivors} == survivors
     assert [p.name for p in folder.iterdir() if not p.name.endswith(".npz")] == []
     assert not (tmp_path / "quarantine").exists()
-    # Identical to the sweep that was never interrupted (and ran in chunks of 4, in another process).
+    # Identical to the sweep that was never interrupted (and ran in units of 4, in another process).
     _assert_same_kernels(_kernels(tmp_path), reference)
 
 
 if __name__ == "__main__":
-    pipeline.visualize(TINY, TINY_PARAMS, ["b"], "all", sys.argv[1], SETTINGS, 1)
+    pipeline.visualize(TINY, TINY_PARAMS, JOB, ["b"], "all", sys.argv[1])

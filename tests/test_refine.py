@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kv3d_jax import models, parameterizations, pipeline, writers
+from kv3d_jax.job import Job
 from kv3d_jax.cli import build_parser
 from kv3d_jax import decomposition
 from kv3d_jax.decomposition import Decomposition, decompose
@@ -248,9 +249,9 @@ def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
     assert build_parser().parse_args(["visualize", "--refine-motion", "free"]).refine_motion == "free"
     assert build_parser().parse_args(["visualize"]).refine_motion == Config().motion
     # Not the default motion, so that the setting is seen to reach the refinement.
-    settings = pipeline.Settings(model="tiny", preset="native", steps=4, decompose_steps=4, seed=5, refine_steps=4,
-                                 refine_motion="free")
-    pipeline.visualize(TINY, TINY_PARAMS, ["b"], "1", tmp_path, settings, chunk=2)
+    job = Job(model="tiny", preset="native", steps=4, decompose_steps=4, seed=5, refine_steps=4, refine_motion="free",
+              batch=2, media="gif")
+    pipeline.visualize(TINY, TINY_PARAMS, job, ["b"], "1", tmp_path)
     record = dict(np.load(tmp_path / "kernels" / "b" / "1.npz"))
     # Stage 3 starts from the stored decomposition with the key compute_chunk documents.
     dec = Decomposition(*(jnp.asarray(record[name])[None] for name in ("static", "displacement", "reconstruction")),
@@ -267,9 +268,9 @@ def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
             "tiny_b_1_refined_video.gif", "tiny_b_1_refined_deform.gif"} <= names
     assert "4 refinement steps (free motion)" in (tmp_path / "b.html").read_text()
     with pytest.raises(ValueError, match="refine_steps must be at least 1"):
-        dataclasses.replace(settings, refine_steps=-1)
-    with pytest.raises(ValueError, match="unknown refine_motion 'rigid'; valid motions are: constant, free"):
-        dataclasses.replace(settings, refine_motion="rigid")
+        dataclasses.replace(job, refine_steps=-1)
+    with pytest.raises(ValueError, match="unknown refine_motion 'rigid'; valid ones are: constant, free"):
+        dataclasses.replace(job, refine_motion="rigid")
 
 
 @pytest.mark.slow

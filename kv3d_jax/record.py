@@ -1,0 +1,73 @@
+"""What a run stores and draws for one kernel: the :class:`KernelRecord` schema.
+
+The store checks kernel files against :meth:`KernelRecord.arrays`, the writers name a kernel's
+pictures by :meth:`KernelRecord.files`, the gallery shows a kernel as
+:meth:`KernelRecord.view` makes it, and ``kv3d agreement`` reads the same fields: one schema,
+so that none of them knows the record's fields on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from kv3d_jax import gallery, writers
+
+# The formats moving pictures can be written in; the first is the default.
+MEDIA = writers.MEDIA
+# A kernel's summary of stages 1 and 2: objective, dominant motion and reconstruction quality.
+SUMMARY = ("objective", "direction_deg", "speed", "psnr", "failed")
+# How far a kernel's pictures can be trusted (kv3d_jax.reliability); booleans stored as 0/1.
+TRUST = ("reliability", "reliable", "dead", "aliased", "gain", "explained")
+# What the refinement (stage 3) adds to a record, each name prefixed "refined_".
+REFINED = ("video", "static", "displacement", "objective", "direction_deg", "speed")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRecord:
+    """The record of every kernel of a run.
+
+    Attributes:
+      shape: ``(T, H, W)`` of the optimised videos.
+      refined: whether the run has stage 3, whose arrays and pictures are added.
+      media: the format of the moving pictures (:data:`MEDIA`).
+    """
+
+    shape: tuple[int, int, int]
+    refined: bool = False
+    media: str = MEDIA[0]
+
+    def arrays(self) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every (float32) array stored for a kernel."""
+        t, h, w = self.shape
+        schema = {
+            "video": (t, h, w, 3),
+            "static": (h, w, 3),
+            "displacement": (t, h, w, 2),
+            "reconstruction": (t, h, w, 3),
+            **{name: () for name in SUMMARY + TRUST},
+        }
+        return {**schema, **{f"refined_{name}": schema[name] for name in REFINED}} if self.refined else schema
+
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of picture drawn for a kernel (:data:`kv3d_jax.writers.DECOMPOSITION_FILES`, and
+        :data:`kv3d_jax.writers.REFINEMENT_FILES` for a refined run)."""
+        return writers.DECOMPOSITION_FILES + (writers.REFINEMENT_FILES if self.refined else ())
+
+    def files(self, model: str, layer: str, channel: int) -> dict[str, str]:
+        """Kind → file name of every picture of kernel ``(layer, channel)`` of ``model``."""
+        stem = writers.kernel_stem(model, layer, channel)
+        return {kind: writers.media_file(stem, kind, self.media) for kind in self.kinds()}
+
+    def view(self, layer: str, channel: int, arrays: Mapping[str, np.ndarray], files: Mapping[str, str],
+             name: str = "") -> gallery.KernelView:
+        """Kernel ``(layer, channel)`` as a layer page shows it, from its stored ``arrays`` and
+        its pictures ``files`` (kind → path relative to the page)."""
+        return gallery.KernelView(
+            channel=int(channel), objective=float(arrays["objective"]), direction_deg=float(arrays["direction_deg"]),
+            speed=float(arrays["speed"]), psnr=float(arrays["psnr"]), media=dict(files),
+            reliability=float(arrays["reliability"]), reliable=bool(arrays["reliable"]), dead=bool(arrays["dead"]),
+            aliased=bool(arrays["aliased"]), failed=int(arrays["failed"]), name=name,
+        )

@@ -6,7 +6,8 @@ kernel's stage-1 video, static texture, motion and reconstruction with its summa
 reliability, sortable and filterable; the view (sort order, filters) lives in the URL's
 ``#`` fragment, so a link reopens the same view. A page of a thousand kernels stays light:
 images load when scrolled near (``loading="lazy"``), and an MP4 or WebM is a ``<video>`` that
-loads nothing until it comes into view, plays while in view and pauses when it leaves. Each
+is made from its ``<template>`` when it first comes into view (a video element costs the
+browser ~150 nodes even unloaded), then plays while in view and pauses when it leaves. Each
 page states at the bottom whether all of its media in view loaded and whether any script
 error happened, so a broken gallery says so.
 
@@ -196,6 +197,7 @@ form input[type=number]{width:5em}
 .media{display:flex;gap:4px}
 .media figure{margin:0;text-align:center;font-size:11px;color:#666}
 .media img,.media video{height:128px;width:auto;aspect-ratio:auto 1/1;image-rendering:pixelated;display:block}
+.media div.video{min-width:128px;height:128px}
 .summary{display:flex;flex-wrap:wrap;gap:.2em .8em;align-items:center;margin-top:4px}
 .arrow{width:22px;height:22px}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}
@@ -214,23 +216,31 @@ window.addEventListener("error", function (e) {
 }, true);
 """
 
-# Media in view: what the IntersectionObserver reports intersecting the viewport now. A video plays
-# only then (its first play() is what loads it, as preload="none"), and lazy images load only near
-# it, so the status counts those; the rest of a long page is not fetched until scrolled to. It is
-# rewritten as media load or fail and as the view changes, and also reports the first contentful
-# paint (ms) and the JS heap in use (bytes; Chromium only).
+# Media in view: what the IntersectionObserver reports intersecting the viewport now (an image, or
+# the box a video is made in). A video is made from its template when its box first comes into
+# view and plays only while in view (its first play() is what loads it, as preload="none"), and
+# lazy images load only near the view, so the status counts those; the rest of a long page is not
+# fetched until scrolled to. It is rewritten as media load or fail and as the view changes, and also
+# reports the first contentful paint (ms) and the JS heap in use (bytes; Chromium only).
 _STATUS_JS = """
 (function () {
   "use strict";
   var status = document.getElementById("status");
-  var media = Array.prototype.slice.call(document.querySelectorAll("img, video"));
+  var media = Array.prototype.slice.call(document.querySelectorAll("img, div.video"));
   var inView = new Set(), observed = media.length === 0;
   /* A looping video drops back to "metadata only" for a moment at each restart, so a video counts as
      loaded once it has had a frame to show. */
   var played = new WeakSet();
-  function isVideo(el) { return el.tagName === "VIDEO"; }
-  function loaded(el) { return isVideo(el) ? played.has(el) || el.readyState >= 2 : el.complete && el.naturalWidth > 0; }
-  function broken(el) { return isVideo(el) ? el.error !== null : el.complete && el.naturalWidth === 0; }
+  function isVideo(el) { return el.tagName === "DIV"; }
+  /* The box's video, once made (querySelector does not look into a template). */
+  function video(box) { return box.querySelector("video"); }
+  function source(el) { return isVideo(el) ? el.firstElementChild.content.firstElementChild.getAttribute("src")
+                                            : el.getAttribute("src"); }
+  function loaded(el) {
+    var v = isVideo(el) && video(el);
+    return isVideo(el) ? !!v && (played.has(v) || v.readyState >= 2) : el.complete && el.naturalWidth > 0;
+  }
+  function broken(el) { return isVideo(el) ? !!video(el) && video(el).error !== null : el.complete && el.naturalWidth === 0; }
   function update() {
     if (!observed) return;  /* what is in view is known from the observer's first report on */
     var shown = Array.from(inView), errors = window.kv3dErrors;
@@ -249,7 +259,7 @@ _STATUS_JS = """
     if (bad.length || errors.length) {
       status.className = "bad";
       status.textContent = bad.length + " of " + shown.length + " media" + scope + " failed to load ("
-        + bad.map(function (el) { return el.getAttribute("src"); }).join(", ") + ")" + rest + "; "
+        + bad.map(source).join(", ") + ")" + rest + "; "
         + errors.length + " errors: " + errors.join("; ") + extra;
     } else {
       status.className = waiting ? "waiting" : "";
@@ -262,11 +272,16 @@ _STATUS_JS = """
       var el = e.target;
       if (e.isIntersecting) {
         inView.add(el);
-        /* A failed play() shows as the element's error event and el.error, counted above. */
-        if (isVideo(el)) el.play().catch(function () {});
+        if (isVideo(el)) {
+          if (!video(el)) el.appendChild(document.importNode(el.firstElementChild.content, true));
+          var v = video(el);
+          v.muted = true;  /* a video made by script starts unmuted whatever its attribute says */
+          /* A failed play() shows as the video's error event and v.error, counted above. */
+          v.play().catch(function () {});
+        }
       } else {
         inView.delete(el);
-        if (isVideo(el)) el.pause();
+        if (isVideo(el) && video(el)) video(el).pause();
       }
     });
     observed = true;
@@ -399,11 +414,11 @@ VIDEO_SUFFIXES = (".mp4", ".webm")
 
 
 def _picture(path: str, label: str) -> str:
-    """The element showing one picture: a muted, looping ``<video>`` that loads nothing until the page's
-    script plays it in view, or a lazily loaded ``<img>``."""
+    """The element showing one picture: a box holding the ``<template>`` of a muted, looping ``<video>``
+    that loads nothing until the page's script makes and plays it in view, or a lazily loaded ``<img>``."""
     if path.lower().endswith(VIDEO_SUFFIXES):
-        return (f'<video src="{html.escape(path)}" muted loop playsinline preload="none" '
-                f'aria-label="{html.escape(label)}"></video>')
+        return (f'<div class="video"><template><video src="{html.escape(path)}" muted loop playsinline '
+                f'preload="none" aria-label="{html.escape(label)}"></video></template></div>')
     return f'<img src="{html.escape(path)}" alt="{html.escape(label)}" loading="lazy" decoding="async">'
 
 

@@ -240,7 +240,9 @@ _STATUS_JS = """
     var v = isVideo(el) && video(el);
     return isVideo(el) ? !!v && (played.has(v) || v.readyState >= 2) : el.complete && el.naturalWidth > 0;
   }
-  function broken(el) { return isVideo(el) ? !!video(el) && video(el).error !== null : el.complete && el.naturalWidth === 0; }
+  function broken(el) {
+    return isVideo(el) ? !!video(el) && video(el).error !== null : el.complete && el.naturalWidth === 0;
+  }
   function update() {
     if (!observed) return;  /* what is in view is known from the observer's first report on */
     var shown = Array.from(inView), errors = window.kv3dErrors;

@@ -118,8 +118,9 @@ def _encode(path: Path, frames: np.ndarray, fps: float, name: str) -> None:
                "-an", *_ENCODERS[path.suffix.lower()], str(path)]
     result = subprocess.run(command, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
     if result.returncode != 0:
-        reason = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
-        raise OSError(f"ffmpeg could not write {name}: {reason[0][:300]}")
+        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        raise OSError(f"ffmpeg could not write {name}: {reason[:300]}")
 
 
 def save_video(path, video, fps: float = 8.0) -> Path:
@@ -176,7 +177,8 @@ def media_file(stem: str, kind: str, media: str) -> str:
     if media not in MEDIA:
         raise ValueError(f"media must be one of {', '.join(MEDIA)}; got {media!r}")
     if kind not in DECOMPOSITION_FILES + REFINEMENT_FILES:
-        raise ValueError(f"no picture of kind {kind!r}; the kinds are {', '.join(DECOMPOSITION_FILES + REFINEMENT_FILES)}")
+        raise ValueError(f"no picture of kind {kind!r}; the kinds are "
+                         + ", ".join(DECOMPOSITION_FILES + REFINEMENT_FILES))
     return f"{stem}_{kind}.{'png' if kind in STILL_FILES else media}"
 
 

@@ -121,7 +121,8 @@ def test_each_media_round_trips(tmp_path, media, shape, encoded):
 
 
 def test_save_video_refuses_other_suffixes(tmp_path):
-    with pytest.raises(ValueError, match=r"cannot write a video as 'v.avi': the name must end in one of .mp4, .webm, .gif"):
+    with pytest.raises(ValueError, match=r"cannot write a video as 'v.avi': the name must end in one of "
+                                         r"\.mp4, \.webm, \.gif$"):
         writers.save_video(tmp_path / "v.avi", np.zeros((2, 8, 8, 3)))
     assert list(tmp_path.iterdir()) == []
 
@@ -131,8 +132,8 @@ def test_a_failed_encode_leaves_the_old_file_and_no_temporary_file(tmp_path, mon
     (tmp_path / "v.mp4").write_bytes(b"the previous video")
     fake = tmp_path / "bin" / "ffmpeg"
     fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\nfor last; do :; done\nprintf partial > "$last"\necho "Conversion failed: disk full" >&2\n'
-                    "exit 1\n")
+    fake.write_text('#!/bin/sh\nfor last; do :; done\nprintf partial > "$last"\n'
+                    'echo "Conversion failed: disk full" >&2\nexit 1\n')
     fake.chmod(0o755)
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(fake))
     with pytest.raises(OSError, match="^ffmpeg could not write v.mp4: Conversion failed: disk full$"):
@@ -160,7 +161,8 @@ def test_savers_write_every_moving_picture_in_the_media_asked_for(tmp_path, medi
     paths = writers.save_decomposition(tmp_path, "m_l_3", video, static, displacement, recon, media=media)
     paths.update(writers.save_refinement(tmp_path, "m_l_3", video, static, displacement, media=media))
     assert {kind: p.name for kind, p in paths.items()} == {
-        kind: writers.media_file("m_l_3", kind, media) for kind in writers.DECOMPOSITION_FILES + writers.REFINEMENT_FILES}
+        kind: writers.media_file("m_l_3", kind, media)
+        for kind in writers.DECOMPOSITION_FILES + writers.REFINEMENT_FILES}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
     legend = max(8, min(h, w) // 2)
     frames = {"stage1": (t, h, w), "deform": (t, h, w), "motion": (t - 1, h, w + legend), "recon": (t, h, w),

@@ -86,10 +86,11 @@ def _smooth_video(t, h, w, seed=0):
     return (0.5 + 0.4 * np.sin(2.0 * x[..., None] + 3.0 * y[..., None] + phase)).astype(np.float32)
 
 
-# ffmpeg's reader starts its process in a new process group (preexec_fn), which JAX's fork hook warns about.
-@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def _read_video(path):
-    """Every frame of a video file as uint8 ``(T, H, W, 3)``, by imageio-ffmpeg's reader (GIF: imageio's)."""
+    """Every frame of a video file as uint8 ``(T, H, W, 3)``, by imageio-ffmpeg's reader (GIF: imageio's).
+
+    The reader starts ffmpeg in a new process group (``preexec_fn``), which JAX's fork hook warns about:
+    the tests that read videos ignore that warning."""
     if Path(path).suffix == ".gif":
         return iio.imread(path, index=None)[..., :3]
     frames = imageio_ffmpeg.read_frames(str(path))

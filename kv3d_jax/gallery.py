@@ -1,11 +1,15 @@
 """The HTML gallery of a run: a page per layer, an index across layers, and per-layer figures.
 
-Pages are self-contained: inline CSS and vanilla JS, images by relative links to the
+Pages are self-contained: inline CSS and vanilla JS, pictures by relative links to the
 files written beside them, nothing fetched from elsewhere. A layer page shows every
 kernel's stage-1 video, static texture, motion and reconstruction with its summary and
 reliability, sortable and filterable; the view (sort order, filters) lives in the URL's
-``#`` fragment, so a link reopens the same view. Each page states at the bottom whether all of
-its images loaded and whether any script error happened, so a broken gallery says so.
+``#`` fragment, so a link reopens the same view. A page of a thousand kernels stays light:
+images load when scrolled near (``loading="lazy"``), and an MP4 or WebM is a ``<video>`` that
+is made from its ``<template>`` when it first comes into view (a video element costs the
+browser ~150 nodes even unloaded), then plays while in view and pauses when it leaves. Each
+page states at the bottom whether all of its media in view loaded and whether any script
+error happened, so a broken gallery says so.
 
 Figures (Matplotlib, Agg): a contact sheet of a layer's statics and a two-panel motion
 histogram (directions as a polar histogram weighted by speed; speeds).
@@ -58,7 +62,8 @@ class KernelView:
       direction_deg: dominant motion direction, degrees (0° = right, 90° = up).
       speed: mean speed, px/frame.
       psnr: reconstruction PSNR, dB.
-      media: media kind (keys of :data:`MEDIA` and :data:`LINKS`) -> file path relative to the page.
+      media: media kind (keys of :data:`MEDIA` and :data:`LINKS`) -> file path relative to the page; a
+        path ending ``.mp4`` or ``.webm`` is shown as a ``<video>``, any other as an ``<img>``.
       reliability: how far the kernel's result can be trusted, in [0, 1] (NaN: not rated).
       reliable: whether the result counts as reliable.
       dead: the optimisation did not clearly beat random videos, or never activated the kernel.
@@ -172,6 +177,8 @@ def motion_histogram(direction_deg, speed, title: str, bins: int = 16) -> Figure
     return fig
 
 
+# A picture that has not loaded yet keeps a 128 px square (aspect-ratio's fallback), so cards do not
+# collapse or jump as a long page's media arrive.
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1em 2em;color:#222;background:#fafafa}
 h1{font-size:1.4em;margin:.2em 0}
@@ -189,16 +196,17 @@ form input[type=number]{width:5em}
 .badge.dead{background:#ddd;color:#444}.badge.failed{background:#f8d0d0;color:#b00020}
 .media{display:flex;gap:4px}
 .media figure{margin:0;text-align:center;font-size:11px;color:#666}
-.media img{height:128px;width:auto;image-rendering:pixelated;display:block}
+.media img,.media video{height:128px;width:auto;aspect-ratio:auto 1/1;image-rendering:pixelated;display:block}
+.media div.video{min-width:128px;height:128px}
 .summary{display:flex;flex-wrap:wrap;gap:.2em .8em;align-items:center;margin-top:4px}
 .arrow{width:22px;height:22px}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}
 #status{margin-top:2em;color:#2a6b2a}#status.bad{color:#b00020;font-weight:bold}
 """
 
-# Registered first in <head>, so errors of images that fail before the page's script runs
-# are counted too (a failed image fires "error" on the element; it reaches window only in
-# the capture phase).
+# Registered first in <head>, so errors of pictures that fail before the page's script runs
+# are counted too (a failed image or video fires "error" on the element; it reaches window only
+# in the capture phase).
 _ERRORS_JS = """
 window.kv3dErrors = [];
 window.addEventListener("error", function (e) {
@@ -208,25 +216,85 @@ window.addEventListener("error", function (e) {
 }, true);
 """
 
+# Media in view: what the IntersectionObserver reports intersecting the viewport now (an image, or
+# the box a video is made in). A video is made from its template when its box first comes into
+# view and plays only while in view (its first play() is what loads it, as preload="none"), and
+# lazy images load only near the view, so the status counts those; the rest of a long page is not
+# fetched until scrolled to. It is rewritten as media load or fail and as the view changes, and also
+# reports the first contentful paint (ms) and the JS heap in use (bytes; Chromium only).
 _STATUS_JS = """
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images);
-  var failed = images.filter(function (im) { return !(im.complete && im.naturalWidth > 0); });
-  var errors = window.kv3dErrors;
+(function () {
+  "use strict";
   var status = document.getElementById("status");
-  status.dataset.images = images.length;
-  status.dataset.loaded = images.length - failed.length;
-  status.dataset.failed = failed.length;
-  status.dataset.errors = errors.length;
-  if (failed.length || errors.length) {
-    status.className = "bad";
-    status.textContent = failed.length + " of " + images.length + " images failed to load ("
-      + failed.map(function (im) { return im.getAttribute("src"); }).join(", ") + "); "
-      + errors.length + " errors: " + errors.join("; ");
-  } else {
-    status.textContent = "all " + images.length + " images loaded, no errors";
+  var media = Array.prototype.slice.call(document.querySelectorAll("img, div.video"));
+  var inView = new Set(), observed = media.length === 0;
+  /* A looping video drops back to "metadata only" for a moment at each restart, so a video counts as
+     loaded once it has had a frame to show. */
+  var played = new WeakSet();
+  function isVideo(el) { return el.tagName === "DIV"; }
+  /* The box's video, once made (querySelector does not look into a template). */
+  function video(box) { return box.querySelector("video"); }
+  function source(el) { return isVideo(el) ? el.firstElementChild.content.firstElementChild.getAttribute("src")
+                                            : el.getAttribute("src"); }
+  function loaded(el) {
+    var v = isVideo(el) && video(el);
+    return isVideo(el) ? !!v && (played.has(v) || v.readyState >= 2) : el.complete && el.naturalWidth > 0;
   }
-});
+  function broken(el) {
+    return isVideo(el) ? !!video(el) && video(el).error !== null : el.complete && el.naturalWidth === 0;
+  }
+  function update() {
+    if (!observed) return;  /* what is in view is known from the observer's first report on */
+    var shown = Array.from(inView), errors = window.kv3dErrors;
+    var ok = shown.filter(loaded), bad = shown.filter(broken), waiting = shown.length - ok.length - bad.length;
+    var d = status.dataset, paint = performance.getEntriesByName("first-contentful-paint")[0];
+    d.media = media.length; d.inView = shown.length; d.loaded = ok.length; d.failed = bad.length;
+    d.waiting = waiting; d.errors = errors.length;
+    var extra = "";
+    if (paint) { d.firstPaint = Math.round(paint.startTime); extra += "; first paint after " + d.firstPaint + " ms"; }
+    if (performance.memory) {
+      d.heap = performance.memory.usedJSHeapSize;
+      extra += "; JS heap " + (d.heap / 1048576).toFixed(1) + " MiB";
+    }
+    var whole = shown.length === media.length, scope = whole ? "" : " in view";
+    var rest = whole ? "" : " (" + media.length + " on the page; the others load when scrolled to)";
+    if (bad.length || errors.length) {
+      status.className = "bad";
+      status.textContent = bad.length + " of " + shown.length + " media" + scope + " failed to load ("
+        + bad.map(source).join(", ") + ")" + rest + "; "
+        + errors.length + " errors: " + errors.join("; ") + extra;
+    } else {
+      status.className = waiting ? "waiting" : "";
+      status.textContent = (waiting ? "loading: " + ok.length + " of " + shown.length : "all " + shown.length)
+        + " media" + scope + " loaded" + rest + ", no errors" + extra;
+    }
+  }
+  var observer = new IntersectionObserver(function (entries) {
+    entries.forEach(function (e) {
+      var el = e.target;
+      if (e.isIntersecting) {
+        inView.add(el);
+        if (isVideo(el)) {
+          if (!video(el)) el.appendChild(document.importNode(el.firstElementChild.content, true));
+          var v = video(el);
+          v.muted = true;  /* a video made by script starts unmuted whatever its attribute says */
+          /* A failed play() shows as the video's error event and v.error, counted above. */
+          v.play().catch(function () {});
+        }
+      } else {
+        inView.delete(el);
+        if (isVideo(el) && video(el)) video(el).pause();
+      }
+    });
+    observed = true;
+    update();
+  });
+  media.forEach(function (el) { observer.observe(el); });
+  document.addEventListener("loadeddata", function (e) { played.add(e.target); update(); }, true);
+  ["load", "error"].forEach(function (type) { document.addEventListener(type, update, true); });
+  window.addEventListener("load", update);
+  new PerformanceObserver(update).observe({type: "paint", buffered: true});
+})();
 """
 
 _LAYER_JS = """
@@ -326,7 +394,7 @@ def _page(title: str, body: str, script: str = "") -> str:
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n"
         f"<script>{_ERRORS_JS}</script></head>\n<body>\n{body}\n"
-        '<p id="status">checking images…</p>\n'
+        '<p id="status">checking media…</p>\n'
         f"<script>{_STATUS_JS}</script>\n"
         + (f"<script>{script}</script>\n" if script else "")
         + "</body></html>\n"
@@ -344,10 +412,22 @@ def _badges(view: KernelView) -> str:
     return badges
 
 
+VIDEO_SUFFIXES = (".mp4", ".webm")
+
+
+def _picture(path: str, label: str) -> str:
+    """The element showing one picture: a box holding the ``<template>`` of a muted, looping ``<video>``
+    that loads nothing until the page's script makes and plays it in view, or a lazily loaded ``<img>``."""
+    if path.lower().endswith(VIDEO_SUFFIXES):
+        return (f'<div class="video"><template><video src="{html.escape(path)}" muted loop playsinline '
+                f'preload="none" aria-label="{html.escape(label)}"></video></template></div>')
+    return f'<img src="{html.escape(path)}" alt="{html.escape(label)}" loading="lazy" decoding="async">'
+
+
 def _kernel_card(view: KernelView) -> str:
     figures = "".join(
-        f'<figure><img src="{html.escape(view.media[kind])}" alt="{html.escape(caption)}, channel '
-        f'{view.channel}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        f'<figure>{_picture(view.media[kind], f"{caption}, channel {view.channel}")}'
+        f'<figcaption>{html.escape(caption)}</figcaption></figure>'
         for kind, caption in MEDIA.items()
         if kind in view.media
     )

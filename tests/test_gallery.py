@@ -90,6 +90,32 @@ def test_layer_page_has_a_card_per_kernel_with_its_summary_and_pictures():
     assert "http" not in page and "//" not in page.replace("://", "")
 
 
+def test_layer_page_shows_videos_as_lazy_videos_and_images_as_lazy_images():
+    media = {"stage1": "b/k0_stage1.mp4", "static": "b/k0_static.png", "motion": "b/k0_motion.webm",
+             "recon": "b/k0_recon.gif", "panel": "b/k0_panel.mp4"}
+    page = gallery.layer_page("t", [gallery.KernelView(0, 1.0, 0.0, 1.0, 30.0, media)], {"statics": "b/sheet.png"})
+    tags = _Tags(page)
+    videos = tags.all("video")
+    assert [v["src"] for v in videos] == ["b/k0_stage1.mp4", "b/k0_motion.webm"]
+    for video in videos:  # nothing loads until the script plays it in view; muted, so it may play at once
+        assert video["preload"] == "none" and {"muted", "loop", "playsinline"} <= set(video)
+        assert video["aria-label"] in ("optimal video, channel 0", "motion, channel 0")
+    # Each in a template, in a box the script makes it in once the box is in view.
+    assert [name for name, _ in tags.tags if name in ("div", "template", "video")].count("template") == 2
+    assert re.findall(r'<div class="video"><template><video [^>]*></video></template></div>', page) == [
+        f'<div class="video"><template><video src="{src}" muted loop playsinline preload="none" '
+        f'aria-label="{label}, channel 0"></video></template></div>'
+        for src, label in (("b/k0_stage1.mp4", "optimal video"), ("b/k0_motion.webm", "motion"))]
+    images = {img["src"]: img for img in tags.all("img")}
+    assert list(images) == ["b/sheet.png", "b/k0_static.png", "b/k0_recon.gif"]
+    assert "loading" not in images["b/sheet.png"]  # the layer's figures, at the top, load at once
+    assert all(images[src]["loading"] == "lazy" and images[src]["decoding"] == "async"
+               for src in ("b/k0_static.png", "b/k0_recon.gif"))
+    assert [a["href"] for a in tags.all("a")] == ["index.html", "b/k0_panel.mp4"]  # links stay links
+    # The script makes and plays a video only once it is in view (the browser test sees it load and count).
+    assert "new IntersectionObserver" in page and "importNode" in page and ".play()" in page and ".pause()" in page
+
+
 def test_layer_page_shows_each_kernels_reliability():
     views = [_view(0, reliability=0.824, reliable=True), _view(1, reliability=0.306, reliable=False),
              _view(2, reliability=0.0, reliable=False, dead=True), _view(3, speed=math.nan, aliased=True),

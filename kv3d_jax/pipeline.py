@@ -100,7 +100,7 @@ def layer_key(seed: int, layer: str) -> jax.Array:
 def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
                   progress=None) -> dict[int, dict[str, np.ndarray]]:
     """Stage 1, stage 2, the motion read-out (and stage 3) of ``channels`` of ``layer``:
-    ``{channel: arrays}`` with the float32 arrays of ``job.record(model).arrays()``.
+    ``{channel: arrays}`` with the arrays of ``job.record(model).arrays()``.
 
     Stage 1 folds each channel into ``fold_in(layer key, 1)``; stage 2 gets
     ``fold_in(fold_in(layer key, 2), channel)`` per kernel; stage 3 starts from stage 2's
@@ -132,7 +132,7 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
     failed = np.where(stage1.failed, 1, np.where(dec.failed, 2, 0))
     arrays = {
         "video": stage1.videos, "objective": stage1.objective, "static": dec.static,
-        "displacement": dec.displacement, "reconstruction": dec.reconstruction,
+        "displacement": dec.displacement,
         "direction_deg": summary.direction_deg, "speed": summary.speed, "psnr": summary.psnr,
         "reliability": summary.reliability, "reliable": summary.reliable, "aliased": summary.aliased,
         "dead": reliability.dead(peak, gain), "gain": gain, "explained": summary.explained,
@@ -147,7 +147,7 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
                       refined_displacement=refined.displacement, refined_objective=refined.objective,
                       refined_direction_deg=motion.direction_deg, refined_speed=motion.speed)
     arrays["failed"] = failed
-    arrays = {name: np.asarray(value, np.float32) for name, value in arrays.items()}
+    arrays = job.record(model).stored(arrays)
     return {c: {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
 
 
@@ -162,11 +162,11 @@ def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapp
     """Writes kernel ``(layer, channel)``'s pictures (SPEC §4) into ``folder`` from its ``arrays``,
     named by ``record`` (its refinement's too, for a refined record). A failed kernel's non-finite
     values are drawn as 0."""
-    arrays = {name: np.nan_to_num(value) for name, value in arrays.items()}
+    arrays = {name: np.nan_to_num(np.asarray(value, np.float32)) for name, value in arrays.items()}
     stem = writers.kernel_stem(model, layer, channel)
     valid = np.asarray(_read_out_support(arrays["static"], arrays["displacement"]))
     written = writers.save_decomposition(folder, stem, arrays["video"], arrays["static"], arrays["displacement"],
-                                         arrays["reconstruction"], valid=valid, media=record.media)
+                                         record.reconstruction(arrays), valid=valid, media=record.media)
     if record.refined:
         valid = np.asarray(_read_out_support(arrays["refined_static"], arrays["refined_displacement"]))
         written.update(writers.save_refinement(folder, stem, arrays["refined_video"], arrays["refined_static"],

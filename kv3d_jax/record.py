@@ -13,7 +13,11 @@ from typing import Mapping
 
 import numpy as np
 
+import jax
+import jax.numpy as jnp
+
 from kv3d_jax import gallery, writers
+from kv3d_jax.warp import warp
 
 # The formats moving pictures can be written in; the first is the default.
 MEDIA = writers.MEDIA
@@ -23,6 +27,10 @@ SUMMARY = ("objective", "direction_deg", "speed", "psnr", "failed")
 TRUST = ("reliability", "reliable", "dead", "aliased", "gain", "explained")
 # What the refinement (stage 3) adds to a record, each name prefixed "refined_".
 REFINED = ("video", "static", "displacement", "objective", "direction_deg", "speed")
+# The arrays stored as float16: pictures in [0, 1] (to 2.4e-4) and displacements in px (to 1/2048
+# of their size, 0.005 px at 10 px), for a record a fifth of float32's. Summaries are computed
+# from the float32 results before they are stored, and stay float32.
+HALF = ("video", "static", "displacement", "refined_video", "refined_static", "refined_displacement")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,17 +47,29 @@ class KernelRecord:
     refined: bool = False
     media: str = MEDIA[0]
 
-    def arrays(self) -> dict[str, tuple[int, ...]]:
-        """Name → shape of every (float32) array stored for a kernel."""
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name → (shape, dtype) of every array stored for a kernel: :data:`HALF` float16, the rest
+        float32. Stage 2's reconstruction is not stored: it is ``warp(static, displacement)``
+        (:meth:`reconstruction`)."""
         t, h, w = self.shape
-        schema = {
+        shapes = {
             "video": (t, h, w, 3),
             "static": (h, w, 3),
             "displacement": (t, h, w, 2),
-            "reconstruction": (t, h, w, 3),
             **{name: () for name in SUMMARY + TRUST},
         }
-        return {**schema, **{f"refined_{name}": schema[name] for name in REFINED}} if self.refined else schema
+        if self.refined:
+            shapes.update({f"refined_{name}": shapes[name] for name in REFINED})
+        return {name: (shape, "float16" if name in HALF else "float32") for name, shape in shapes.items()}
+
+    def stored(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays of :meth:`arrays`, taken from a kernel's results ``arrays`` and cast to their dtypes."""
+        return {name: np.asarray(arrays[name]).astype(dtype) for name, (_, dtype) in self.arrays().items()}
+
+    @staticmethod
+    def reconstruction(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Stage 2's reconstruction ``(T, H, W, 3)`` in [0, 1] from a record's static and displacement."""
+        return np.asarray(_warp(np.asarray(arrays["static"], np.float32), np.asarray(arrays["displacement"], np.float32)))
 
     def kinds(self) -> tuple[str, ...]:
         """The kinds of picture drawn for a kernel (:data:`kv3d_jax.writers.DECOMPOSITION_FILES`, and
@@ -71,3 +91,8 @@ class KernelRecord:
             reliability=float(arrays["reliability"]), reliable=bool(arrays["reliable"]), dead=bool(arrays["dead"]),
             aliased=bool(arrays["aliased"]), failed=int(arrays["failed"]), name=name,
         )
+
+
+@jax.jit
+def _warp(static, displacement):
+    return jnp.clip(warp(static, displacement), 0.0, 1.0)

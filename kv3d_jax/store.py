@@ -49,7 +49,8 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "kv3d-jax")
 _KERNEL_NAME = re.compile(r"(0|[1-9][0-9]*)\.npz")
 _TEMP_NAME = re.compile(r"\..+\.tmp[0-9]+(\.[A-Za-z0-9]+)?")
 
-Schema = Mapping[str, tuple[int, ...]]
+# Name → (shape, dtype) of every array of a kernel file.
+Schema = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 class StoreError(ValueError):
@@ -293,18 +294,19 @@ class Store:
         )
 
     def write(self, layer: str, channel: int, record: Mapping[str, np.ndarray]) -> Path:
-        """Stores finished kernel ``(layer, channel)``'s ``record`` (name → array); never overwrites one."""
+        """Stores finished kernel ``(layer, channel)``'s ``record`` (name → array), compressed; never
+        overwrites one."""
         path = self.kernel_path(layer, channel)
         if path.exists():
             raise StoreError(f"{path} exists; a finished kernel is never rewritten")
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {name: np.asarray(value) for name, value in record.items()}
         arrays.update(layer=np.asarray(layer), channel=np.asarray(int(channel), np.int64))
-        _write_durably(path, lambda f: np.savez(f, **arrays))
+        _write_durably(path, lambda f: np.savez_compressed(f, **arrays))
         return path
 
     def read(self, layer: str, channel: int, schema: Schema) -> dict[str, np.ndarray]:
-        """Kernel ``(layer, channel)``'s record, checked against ``schema`` (name → shape, float32).
+        """Kernel ``(layer, channel)``'s record, checked against ``schema`` (name → (shape, dtype)).
 
         Raises :class:`StoreError` saying what is wrong with the file.
         """
@@ -321,10 +323,10 @@ class Store:
             problems.append(f"arrays {', '.join(missing)} missing")
         if extra:
             problems.append(f"unexpected arrays {', '.join(extra)}")
-        for name, shape in schema.items():
-            if name in record and (record[name].shape != tuple(shape) or record[name].dtype != np.float32):
+        for name, (shape, dtype) in schema.items():
+            if name in record and (record[name].shape != tuple(shape) or record[name].dtype != np.dtype(dtype)):
                 problems.append(f"{name} is {record[name].dtype}{list(record[name].shape)}, "
-                                f"expected float32{list(shape)}")
+                                f"expected {dtype}{list(shape)}")
         if _identity(record) != (layer, channel):
             problems.append(f"it records kernel {_identity(record)}, not {(layer, channel)}")
         if problems:

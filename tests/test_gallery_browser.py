@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kv3d_jax import gallery, pipeline, writers
+from kv3d_jax import gallery, pipeline, record, writers
+from kv3d_jax.job import Job
 from kv3d_jax.models import VideoModel
 from kv3d_jax.store import Store
 
 TOY = VideoModel(name="toy", apply=lambda params, video, upto: video, layers=("conv_a", "conv_b"),
                  input_shape=(4, 12, 12), linear_layers=frozenset({"conv_a"}))
-SETTINGS = pipeline.Settings(model="toy", preset="native", steps=1, decompose_steps=1, seed=0)
+JOB = Job(model="toy", preset="native", steps=1, decompose_steps=1, seed=0, media="gif")
 # (direction_deg, speed, psnr, objective) of conv_b's kernels 0..5.
 SUMMARIES = [(10.0, 0.2, 25.0, 1.0), (80.0, 1.5, 31.0, 0.5), (100.0, 0.9, float("nan"), 2.0),
              (170.0, 3.0, 18.0, 0.1), (275.0, 0.6, 22.0, 3.0), (45.0, 0.7, 29.0, 0.7)]
@@ -64,8 +65,9 @@ def _record(rng, direction, speed, psnr, objective) -> dict:
     summary = {"direction_deg": direction, "speed": speed, "psnr": psnr, "objective": objective}
     # Every other field the pipeline stores (``failed``, the trust scores) is 0: a kernel whose stages all
     # went well.
-    return {"video": video, "static": video[0], "displacement": displacement, "reconstruction": video,
-            **{name: np.float32(summary.get(name, 0.0)) for name in pipeline.SUMMARY + pipeline.TRUST}}
+    arrays = {"video": video, "static": video[0], "displacement": displacement,
+              **{name: summary.get(name, 0.0) for name in record.SUMMARY + record.TRUST}}
+    return JOB.record(TOY).stored(arrays)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,8 @@ def site(tmp_path_factory) -> Path:
             store.write("conv_a", channel, _record(rng, 0.0, 1.0, 20.0, 1.0))
         for channel, summary in enumerate(SUMMARIES):
             store.write("conv_b", channel, _record(rng, *summary))
-        views = [pipeline.build_layer_page(store, TOY, "conv_a", 3, SETTINGS, out),
-                 pipeline.build_layer_page(store, TOY, "conv_b", 8, SETTINGS, out)]
+        views = [pipeline.build_layer_page(store, TOY, "conv_a", 3, JOB, out),
+                 pipeline.build_layer_page(store, TOY, "conv_b", 8, JOB, out)]
     gallery.write_page(out / "index.html", gallery.index_page("toy", views))
     return out
 

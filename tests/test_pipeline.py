@@ -178,11 +178,14 @@ def test_a_sweep_stores_every_kernel_and_a_gallery_with_local_files_only(tmp_pat
     key = pipeline.layer_key(JOB.seed, "b")
     stage1 = maximize(TINY, TINY_PARAMS, "b", channels=[1], config=maximization.preset("native", steps=JOB.steps),
                       key=jax.random.fold_in(key, 1))
-    np.testing.assert_allclose(record["video"], stage1.videos[0], rtol=1e-6, atol=1e-6)
+    # Pictures and displacements are stored in float16 (record.HALF), summaries in float32.
+    assert record["video"].dtype == np.float16 and record["objective"].dtype == np.float32
+    np.testing.assert_allclose(record["video"], stage1.videos[0], rtol=0, atol=2.5e-4)
     np.testing.assert_allclose(record["objective"], stage1.objective[0], rtol=1e-6, atol=1e-6)
     stage2 = decompose(stage1.videos, config=decomposition.Config(steps=JOB.decompose_steps),
                        key=jax.random.fold_in(jax.random.fold_in(key, 2), 1)[None])
-    np.testing.assert_allclose(record["displacement"], stage2.displacement[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(record["displacement"], stage2.displacement[0], rtol=1e-3, atol=1e-4)
+    assert "reconstruction" not in record
     links = _links(index) + _links(tmp_path / "b.html")
     assert "b.html" in _links(index)
     for link in links:
@@ -274,7 +277,7 @@ def test_corrupt_kernel_files_are_quarantined_and_recomputed(tmp_path, reference
     _, log = _sweep(tmp_path, channels="0-3")
     assert f"warning: {folder / '1.npz'}: unreadable kernel file" in log
     assert f"(quarantined to {tmp_path / 'quarantine' / 'b' / '1.npz.0'})" in log
-    assert f"warning: {folder / '2.npz'}: video is float32[6, 4, 16, 3], expected float32[6, 16, 16, 3]" in log
+    assert f"warning: {folder / '2.npz'}: video is float16[6, 4, 16, 3], expected float16[6, 16, 16, 3]" in log
     assert "readme.txt: not a kernel file (expected {channel}.npz) (ignored)" in log
     assert f"warning: {tmp_path / 'kernels' / 'conv9'}: not the kernels folder of a layer of this model (ignored)" in log
     assert (tmp_path / "quarantine" / "b" / "1.npz.0").read_bytes() == truncated

@@ -253,15 +253,20 @@ def test_visualize_refine_stores_and_draws_stage_3_beside_stage_2(tmp_path):
               batch=2, media="gif")
     pipeline.visualize(TINY, TINY_PARAMS, job, ["b"], "1", tmp_path)
     record = dict(np.load(tmp_path / "kernels" / "b" / "1.npz"))
-    # Stage 3 starts from the stored decomposition with the key compute_chunk documents.
-    dec = Decomposition(*(jnp.asarray(record[name])[None] for name in ("static", "displacement", "reconstruction")),
-                        {}, jnp.zeros((1,)), np.zeros(1, bool))
-    # The refinement config exactly as compute_chunk builds it, so its compiled programs are reused.
-    expected = refine(TINY, TINY_PARAMS, "b", dec, [1], key=jax.random.fold_in(pipeline.layer_key(5, "b"), 3),
-                      config=Config(motion="free", steps=4, preset=preset("native", rectify=False)))
+    # Stage 3 starts from stage 2's result with the key compute_chunk documents; the stages run in
+    # batches of job.batch kernels per device, as compute_chunk runs them.
+    key = pipeline.layer_key(5, "b")
+    stage1 = maximize(TINY, TINY_PARAMS, "b", [1], config=job.stage1(TINY, "b"), key=jax.random.fold_in(key, 1),
+                      per_device=job.batch)
+    dec = decompose(stage1.videos, [1], config=job.stage2(), key=jax.random.fold_in(key, 2), per_device=job.batch)
+    expected = refine(TINY, TINY_PARAMS, "b", dec, [1], key=jax.random.fold_in(key, 3), config=job.stage3(TINY, "b"),
+                      per_device=job.batch)
+    assert job.stage3(TINY, "b") == Config(motion="free", steps=4, preset=preset("native", rectify=False))
+    # Bit for bit, as stored: pictures and displacements in float16, the objective in float32.
     for name in ("static", "displacement", "video", "objective"):
-        np.testing.assert_allclose(record[f"refined_{name}"], np.asarray(getattr(expected, name))[0], atol=1e-5,
-                                   rtol=1e-5, err_msg=name)
+        stored = record[f"refined_{name}"]
+        np.testing.assert_array_equal(stored, np.asarray(getattr(expected, name))[0].astype(stored.dtype),
+                                      err_msg=name)
     np.testing.assert_allclose(record["refined_direction_deg"], motion_summary(expected).direction_deg[0], atol=1e-3)
     names = {p.name for p in (tmp_path / "b").iterdir()}
     assert {"tiny_b_1_static.png", "tiny_b_1_refined_static.png", "tiny_b_1_refined_motion.gif",

@@ -11,7 +11,7 @@ import pytest
 from kv3d_jax import store as store_lib
 from kv3d_jax.store import Store, StoreError
 
-SCHEMA = {"video": (2, 4, 4, 3), "objective": ()}
+SCHEMA = {"video": ((2, 4, 4, 3), "float32"), "objective": ((), "float32")}
 CONFIG = {"model": "m", "steps": 3, "shape": (2, 4, 4)}
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from kv3d_jax.files import write_atomically
 
 # What a kernel card shows, in order: media kind -> caption. The refined kinds exist only for a
 # run with the refinement (stage 3); a card shows the kinds its kernel has.
@@ -106,16 +107,8 @@ class LayerView:
 def save_figure(fig: Figure, path) -> Path:
     """Writes ``fig`` as a PNG at ``path`` (replacing it whole; a failed write leaves no temporary file);
     returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     FigureCanvasAgg(fig)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def contact_sheet(statics, channels: Sequence[int], title: str, names: Sequence[str] = ()) -> Figure:
@@ -521,12 +514,4 @@ def index_page(title: str, layers: Sequence[LayerView], notes: Sequence[str] = (
 def write_page(path, text: str) -> Path:
     """Writes a page's HTML ``text`` to ``path`` (replacing it whole, never half-written; a failed write
     leaves no temporary file); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

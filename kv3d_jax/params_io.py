@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import msgpack
 import numpy as np
 from flax import serialization
 
+from kv3d_jax.files import write_atomically
 from kv3d_jax.untrusted import escape, quote, regular_file
 
 METADATA = "__kv3d__"
@@ -51,14 +51,7 @@ def save(path, params, model: str | None = None, config: dict | None = None) -> 
         raise ValueError(f"params may not have a top-level entry named {METADATA!r}")
     data[METADATA] = json.dumps({"model": model, "config": dict(config or {})})
     payload = serialization.msgpack_serialize(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_bytes(payload))
 
 
 # What a params file may hold, checked while it is decoded: containers (maps and arrays) in all,

@@ -23,6 +23,7 @@ A killed process loses only the unit it was computing; a run started on N proces
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import time
@@ -224,52 +225,98 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60} min {seconds % 60:02d} s"
 
 
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """What a process measured on its first units: seconds per FLOP of the stages that run the
+    model (1 and 3) and seconds per kernel of everything else (stage 2, the read-out, the pictures,
+    the store), which costs the same for every layer of a job."""
+
+    per_flop: float
+    per_kernel: float
+
+    def seconds(self, kernels: int, flops: float) -> float:
+        """Estimated seconds for ``kernels`` kernels of ``flops`` FLOPs in all."""
+        return flops * self.per_flop + kernels * self.per_kernel
+
+
 def plan_table(model, job: Job, pending: Mapping[str, Sequence[int]], flops: Mapping[str, float],
-               seconds_per_flop: float | None = None) -> str:
+               speed: Speed | None = None) -> str:
     """The plan as a person reads it: per layer, the kernels still to compute, their steps and
-    estimated FLOPs, and (given a measured ``seconds_per_flop``) the estimated time."""
-    rows = [f"{'layer':<16} {'kernels':>7} {'steps/kernel':>12} {'TFLOP':>10}" + ("  est. time" if seconds_per_flop else "")]
-    total = 0.0
+    estimated FLOPs (``flops``: per kernel), and, given a measured ``speed``, the estimated time."""
+    rows = [f"{'layer':<16} {'kernels':>7} {'steps/kernel':>12} {'TFLOP':>10}" + ("  est. time" if speed else "")]
+    kernels, total = 0, 0.0
     for layer, channels in pending.items():
         cost = len(channels) * flops[layer]
-        total += cost
-        est = f"  {_duration(cost * seconds_per_flop)}" if seconds_per_flop else ""
+        kernels, total = kernels + len(channels), total + cost
+        est = f"  {_duration(speed.seconds(len(channels), cost))}" if speed else ""
         rows.append(f"{layer:<16} {len(channels):>7} {job.steps_per_kernel():>12} {cost / 1e12:>10.3g}{est}")
-    est = f"  {_duration(total * seconds_per_flop)}" if seconds_per_flop else ""
-    rows.append(f"{'all':<16} {sum(map(len, pending.values())):>7} {'':>12} {total / 1e12:>10.3g}{est}")
+    est = f"  {_duration(speed.seconds(kernels, total))}" if speed else ""
+    rows.append(f"{'all':<16} {kernels:>7} {'':>12} {total / 1e12:>10.3g}{est}")
     return "\n".join(rows)
+
+
+class _Clock:
+    """Seconds spent in the stages that run the model (1 and 3) and in all, from the progress
+    callbacks of :func:`compute_chunk` (each chunk's time goes to the stage it reports)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.model = 0.0
+
+    def unit(self) -> None:
+        self.last = time.perf_counter()
+
+    def tick(self, stage: int) -> None:
+        now = time.perf_counter()
+        if stage in (1, 3):
+            self.model += now - self.last
+        self.last = now
+
+    def speed(self, kernels: int, flops: float) -> Speed:
+        other = time.perf_counter() - self.start - self.model
+        return Speed(self.model / flops if flops else 0.0, other / kernels)
 
 
 def sweep(store: Store, model, params, job: Job, units: Sequence[plan.Unit], out: Path, log: Log | None = None,
           progress: Progress | None = None) -> int:
     """Computes and stores the kernels of ``units`` (this process's share), unit by unit, writing
-    each kernel's pictures under ``out/layer/``; returns how many kernels. After every unit,
-    ``log`` gets the running estimate of the time left (from the seconds per FLOP so far)."""
+    each kernel's pictures under ``out/layer/``; returns how many kernels. After the first unit,
+    ``log`` gets the estimated time of each layer's rest, after each later one the time left, both
+    at the :class:`Speed` measured so far."""
     log = log or (lambda message: None)
     record = job.record(model)
-    total = sum(unit.flops for unit in units)
+    total, all_kernels = sum(unit.flops for unit in units), sum(len(unit.channels) for unit in units)
     per_layer = {layer: [u for u in units if u.layer == layer] for layer in dict.fromkeys(u.layer for u in units)}
-    start, done, kernels = time.perf_counter(), 0.0, 0
+    clock, done, kernels = _Clock(), 0.0, 0
     for layer, mine in per_layer.items():
         advance = _stage_progress(layer, len(mine), job, progress) if progress else lambda index: None
         for index, unit in enumerate(mine):
-            for channel, arrays in compute_chunk(model, params, layer, unit.channels, job, advance(index)).items():
+            clock.unit()
+            report = advance(index)
+
+            def timed(stage, done_steps, total_steps, report=report):
+                clock.tick(stage)
+                if report is not None:
+                    report(stage, done_steps, total_steps)
+
+            for channel, arrays in compute_chunk(model, params, layer, unit.channels, job, timed).items():
                 write_media(output_path(out, layer), model.name, layer, channel, arrays, record)
                 store.write(layer, channel, arrays)
             done += unit.flops
             kernels += len(unit.channels)
-            if not done or done >= total:
+            if kernels >= all_kernels:
                 continue
-            per_flop = (time.perf_counter() - start) / done
+            speed = clock.speed(kernels, done)
             if kernels == len(unit.channels):
                 rest = {}
                 for later in units[units.index(unit) + 1:]:
                     rest.setdefault(later.layer, []).extend(later.channels)
                 flops = {u.layer: u.flops / len(u.channels) for u in units}
                 log(f"{_process()}measured on the first {kernels} kernels, the rest of this process's share:\n"
-                    + plan_table(model, job, rest, flops, per_flop))
+                    + plan_table(model, job, rest, flops, speed))
             else:
-                log(f"{_process()}{kernels} kernels done, about {_duration((total - done) * per_flop)} left")
+                left = speed.seconds(all_kernels - kernels, total - done)
+                log(f"{_process()}{kernels} of {all_kernels} kernels done, about {_duration(left)} left")
     return kernels
 
 

@@ -38,6 +38,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from kv3d_jax.files import write_atomically
 from kv3d_jax.untrusted import output_path
 
 RUN_FILE = "run.json"
@@ -106,28 +107,6 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, write) -> None:
-    """Runs ``write(file)`` on a temporary file beside ``path``, syncs it and renames it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _remove_leftovers(root: Path) -> tuple[Problem, ...]:
@@ -232,7 +211,8 @@ class Store:
         versions = package_versions()
         if not run_file.exists():
             run = {"format": _FORMAT, "config": config, "params_sha256": checksum, "versions": versions}
-            _write_durably(run_file, lambda f: f.write(json.dumps(run, indent=2, sort_keys=True).encode() + b"\n"))
+            write_atomically(run_file, lambda tmp: tmp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n"),
+                             durable=True)
             return run, ()
         try:
             run = json.loads(run_file.read_text())
@@ -302,7 +282,7 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {name: np.asarray(value) for name, value in record.items()}
         arrays.update(layer=np.asarray(layer), channel=np.asarray(int(channel), np.int64))
-        _write_durably(path, lambda f: np.savez_compressed(f, **arrays))
+        write_atomically(path, lambda tmp: np.savez_compressed(tmp, **arrays), durable=True)
         return path
 
     def read(self, layer: str, channel: int, schema: Schema) -> dict[str, np.ndarray]:

@@ -8,7 +8,6 @@ package ships, so no system ffmpeg is needed.
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from kv3d_jax import render
+from kv3d_jax.files import write_atomically
 from kv3d_jax.untrusted import output_path
 
 
@@ -29,19 +29,6 @@ def to_uint8(x) -> np.ndarray:
 def kernel_stem(model: str, layer: str, channel: int) -> str:
     """The file-name stem for one kernel, ``{model}_{layer}_{channel}``."""
     return f"{model}_{layer}_{channel}"
-
-
-def _atomic_write(path: Path, write) -> Path:
-    """Runs ``write(tmp_path)`` then renames onto ``path``, so a crash never leaves half a file and a
-    failed write (full disk, unwritable folder, any error) leaves no temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_gif(path, video, fps: float = 8.0) -> Path:
@@ -61,7 +48,7 @@ def save_gif(path, video, fps: float = 8.0) -> Path:
     def write(p):
         images[0].save(p, format="GIF", save_all=True, append_images=images[1:], duration=1000.0 / fps, loop=0)
 
-    return _atomic_write(Path(path), write)
+    return write_atomically(Path(path), write)
 
 
 # The moving-picture formats, by file suffix: H.264 MP4 and VP9 WebM (browsers play both in a
@@ -143,24 +130,24 @@ def save_video(path, video, fps: float = 8.0) -> Path:
     if suffix == ".gif":
         return save_gif(path, video, fps)
     frames = _encoder_frames(video)
-    return _atomic_write(path, lambda p: _encode(p, frames, fps, path.name))
+    return write_atomically(path, lambda p: _encode(p, frames, fps, path.name))
 
 
 def save_npz(path, **arrays) -> Path:
     """Writes ``arrays`` (numpy-convertible, no objects) to an uncompressed ``.npz`` at ``path``."""
     data = {name: np.asarray(value) for name, value in arrays.items()}
-    return _atomic_write(Path(path), lambda p: np.savez(p, **data))
+    return write_atomically(Path(path), lambda p: np.savez(p, **data))
 
 
 def save_text(path, text: str) -> Path:
     """Writes ``text`` (UTF-8)."""
-    return _atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+    return write_atomically(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def save_png(path, image) -> Path:
     """Writes ``image`` ``(H, W, 3)`` in [0, 1] as a PNG."""
     pixels = to_uint8(image)
-    return _atomic_write(Path(path), lambda p: iio.imwrite(p, pixels, extension=".png"))
+    return write_atomically(Path(path), lambda p: iio.imwrite(p, pixels, extension=".png"))
 
 
 DECOMPOSITION_FILES = ("stage1", "static", "deform", "motion", "recon", "panel")

@@ -225,7 +225,7 @@ def test_a_full_disk_during_visualize_is_one_line_and_leaves_no_temporary_file(t
 def test_a_resumed_run_removes_what_a_killed_run_left_in_every_folder(tmp_path):
     out = tmp_path / "run"
     assert run([*SMALL_RUN, "--out", out])[0] == 0
-    left = [out / ".index.html.tmp4242", out / "conv1" / ".motionnet_conv1_2_stage1.gif.tmp4242.gif",
+    left = [out / ".index.html.tmp4242", out / "conv1" / ".motionnet_conv1_2_stage1.mp4.tmp4242.mp4",
             out / "conv1" / ".motionnet_conv1_statics.png.tmp4242.png", out / "kernels" / "conv1" / ".2.npz.tmp4242"]
     for path in left:
         path.write_bytes(b"")
@@ -234,4 +234,4 @@ def test_a_resumed_run_removes_what_a_killed_run_left_in_every_folder(tmp_path):
     for path in left:
         assert f"warning: {path}: an unfinished write of a killed run (removed)" in err
     assert temp_files(out) == []
-    assert (out / "conv1" / "motionnet_conv1_2_stage1.gif").is_file()
+    assert (out / "conv1" / "motionnet_conv1_2_stage1.mp4").is_file()

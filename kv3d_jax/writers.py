@@ -58,12 +58,16 @@ MEDIA = ("mp4", "webm", "gif")
 # ffmpeg's output options per suffix. On the default job's pictures (32-px frames, enlarged twice) x264 at
 # CRF 20 gives 35 dB PSNR at half a GIF's size (GIF: 36 dB), VP9 at CRF 30 33 dB at 40 % of it; yuv420p and
 # H.264's main profile are what every browser decodes; +faststart puts the index first, so a page can
-# start playing before the whole file has arrived.
+# start playing before the whole file has arrived. One encoder thread: x264 and libvpx decide
+# differently with another thread count, so the same video encoded on a host with more cores would
+# give other bytes (measured: 1 core vs 2 differ in both formats); a kernel's files must not depend
+# on the machine, and these videos are small enough to encode on one core. +bitexact: no random
+# container ids (WebM's segment UID differed on every run) and no version strings.
 _ENCODERS = {
     ".mp4": ["-c:v", "libx264", "-preset", "medium", "-crf", "20", "-profile:v", "main", "-pix_fmt", "yuv420p",
-             "-movflags", "+faststart", "-f", "mp4"],
+             "-threads", "1", "-movflags", "+faststart", "-fflags", "+bitexact", "-f", "mp4"],
     ".webm": ["-c:v", "libvpx-vp9", "-crf", "30", "-b:v", "0", "-deadline", "good", "-cpu-used", "2",
-              "-pix_fmt", "yuv420p", "-f", "webm"],
+              "-pix_fmt", "yuv420p", "-threads", "1", "-row-mt", "0", "-fflags", "+bitexact", "-f", "webm"],
 }
 # A frame whose shorter side is under this many pixels is enlarged (see :func:`encoded_size`).
 MIN_VIDEO_SIDE = 64

@@ -121,6 +121,21 @@ def test_each_media_round_trips(tmp_path, media, shape, encoded):
         np.testing.assert_allclose(frames[:, -1], frames[:, -2], atol=0.03)
 
 
+@pytest.mark.parametrize("media", ["mp4", "webm"])
+def test_a_video_encodes_to_the_same_bytes_every_time_on_any_number_of_cores(tmp_path, media):
+    # A kernel's files must not depend on the machine: x264 and libvpx decided differently with
+    # another thread count, and WebM's container drew a random id on every run.
+    video = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 3)).astype(np.float32)
+    script = ("import sys, os, numpy as np; from kv3d_jax import writers; os.sched_setaffinity(0, {0}); "
+              "writers.save_video(sys.argv[1], np.load(sys.argv[2]))")
+    np.save(tmp_path / "video.npy", video)
+    first = writers.save_video(tmp_path / f"a.{media}", video).read_bytes()
+    assert writers.save_video(tmp_path / f"b.{media}", video).read_bytes() == first
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / f"c.{media}"), str(tmp_path / "video.npy")],
+                   check=True)
+    assert (tmp_path / f"c.{media}").read_bytes() == first
+
+
 def test_save_video_refuses_other_suffixes(tmp_path):
     with pytest.raises(ValueError, match=r"cannot write a video as 'v.avi': the name must end in one of "
                                          r"\.mp4, \.webm, \.gif$"):

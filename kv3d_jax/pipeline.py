@@ -426,7 +426,9 @@ def visualize(model, params, job: Job, layers: Sequence[str], channels: str = "a
                 log(f"{model.name} {layer}: all {len(wanted[layer])} kernels already in {out}")
         pending = {layer: channels for layer, channels in pending.items() if channels}
         flops = kernel_flops(model, params, job, list(pending))
-        width = job.batch * jax.local_device_count()
+        # The same width in every process (the global device count over the process count), so
+        # that they all cut the same units.
+        width = job.batch * max(1, jax.device_count() // jax.process_count())
         width = width * -(-(chunk or width) // width)
         shares = plan.deal(plan.units(pending, width, flops), jax.process_count())
         if pending and first:

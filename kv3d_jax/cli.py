@@ -278,6 +278,9 @@ def _add_maximize(sub) -> None:
                    default=spectrum.NATURAL_EXPONENTS,
                    help="with --parameterization maco: exponents of the natural-video law 1/(f_s^A f_t^B), "
                    "spatial and temporal (default %(default)s)")
+    p.add_argument("--maco-contrast", type=float, default=1.0,
+                   help="with --parameterization maco: root mean square of the video before its colour transform "
+                   "and sigmoid (default 1, MACO's; higher reaches higher objectives, docs/maco.md)")
     p.add_argument("--batch-size", type=int,
                    help="kernels optimised together in one compiled batch (default: as many as fit in "
                    "70%% of the memory, from XLA's memory analysis)")
@@ -307,8 +310,11 @@ def _run_maximize(args) -> int:
 
     if not all(math.isfinite(e) and 0 <= e <= 4 for e in args.maco_exponents):
         raise ValueError(f"--maco-exponents takes two numbers from 0 to 4, got {quote(list(args.maco_exponents))}")
+    if not (math.isfinite(args.maco_contrast) and 0 < args.maco_contrast <= 100):
+        raise ValueError(f"--maco-contrast takes a number above 0 and at most 100, got {quote(args.maco_contrast)}")
     config = maximization.preset(args.preset, objective=args.objective, parameterization=args.parameterization,
                                  rectify=args.rectify, maco_exponents=tuple(args.maco_exponents),
+                                 maco_contrast=args.maco_contrast,
                                  **({} if args.steps is None else {"steps": args.steps}))
     if args.magnitude_from:
         if args.parameterization != "maco":

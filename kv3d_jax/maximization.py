@@ -46,6 +46,8 @@ class Config:
       maco_exponents: ``(a, b)`` of the natural-video amplitude law ``1 / (f_s^a · f_t^b)`` that
         ``parameterization="maco"`` fixes (:data:`kv3d_jax.spectrum.NATURAL_EXPONENTS`, with the
         literature behind them).
+      maco_contrast: the root mean square of a ``"maco"`` video before its colour transform and
+        sigmoid (MACO's own standardisation: 1).
       magnitude: for ``"maco"``, a fixed amplitude spectrum ``(T, H, W//2+1, 3)`` to use instead of
         the law (e.g. estimated from clips, :func:`kv3d_jax.spectrum.from_clips`); None: the law.
     """
@@ -62,6 +64,7 @@ class Config:
     rectify: bool = False
     chunk: int = 50
     maco_exponents: tuple[float, float] = spectrum.NATURAL_EXPONENTS
+    maco_contrast: float = 1.0
     magnitude: spectrum.Magnitude | None = None
 
 
@@ -134,7 +137,7 @@ def parameterization_of(config: Config) -> parameterizations.Parameterization:
     """The parameterization ``config`` names, with its MACO magnitude (or law exponents) for ``"maco"``."""
     if config.parameterization == "maco":
         magnitude = None if config.magnitude is None else config.magnitude.array
-        return parameterizations.maco(magnitude, tuple(config.maco_exponents))
+        return parameterizations.maco(magnitude, tuple(config.maco_exponents), config.maco_contrast)
     if config.magnitude is not None:
         raise ValueError(f"a fixed magnitude is only used by parameterization='maco', not "
                          f"{config.parameterization!r}")
@@ -417,7 +420,7 @@ def maximize(
     jax.eval_shape(lambda k: parameterization_of(config).init(k, shape), jax.random.PRNGKey(0))
     if config.parameterization == "maco":
         parameterizations.maco_magnitude(shape, None if config.magnitude is None else config.magnitude.array,
-                                         tuple(config.maco_exponents))
+                                         tuple(config.maco_exponents), config.maco_contrast)
     if config.objective == "weighted":
         if weights is None or channels is not None:
             raise ValueError("objective='weighted' needs weights (K, C) and no channels")

@@ -130,14 +130,15 @@ def hermitian_phase(phase: jax.Array, width: int) -> jax.Array:
 
 
 def maco_magnitude(shape: tuple[int, int, int], magnitude: np.ndarray | None = None,
-                   exponents: tuple[float, float] = spectrum.NATURAL_EXPONENTS) -> np.ndarray:
+                   exponents: tuple[float, float] = spectrum.NATURAL_EXPONENTS, contrast: float = 1.0) -> np.ndarray:
     """The fixed amplitude ``(T, H, W//2+1, 3)`` float32 of a ``(T, H, W)`` MACO video, per decorrelated colour.
 
     ``magnitude`` (e.g. :func:`kv3d_jax.spectrum.from_clips`), broadcastable to that shape, or by
     default :func:`kv3d_jax.spectrum.natural_law` with ``exponents`` for all three colours. The
     mean (zero frequency) is set to 0 and the rest scaled so the pre-sigmoid video has a root mean
-    square of 1 over all its values: MACO standardises its image after the inverse transform,
-    which with a fixed amplitude is this constant scaling (Parseval) and the removal of the mean.
+    square of ``contrast`` over all its values: MACO standardises its image after the inverse
+    transform (``contrast`` 1), which with a fixed amplitude is this constant scaling (Parseval) and
+    the removal of the mean.
     """
     t, h, w = shape
     grid = (t, h, w // 2 + 1, 3)
@@ -156,7 +157,7 @@ def maco_magnitude(shape: tuple[int, int, int], magnitude: np.ndarray | None = N
     energy = np.sum(weight[None, None, :, None] * amplitude**2) / (t * h * w) ** 2
     if energy <= 0:
         raise ValueError("a MACO magnitude must have some energy away from the zero frequency")
-    return (amplitude / np.sqrt(energy / 3.0)).astype(np.float32)
+    return (contrast * amplitude / np.sqrt(energy / 3.0)).astype(np.float32)
 
 
 def maco_colours(phase: jax.Array, magnitude: np.ndarray, width: int) -> jax.Array:
@@ -175,8 +176,8 @@ def maco_colours(phase: jax.Array, magnitude: np.ndarray, width: int) -> jax.Arr
     return jnp.fft.irfftn(coefficients, s=(t, h, width), axes=(0, 1, 2)).astype(jnp.float32)
 
 
-def maco(magnitude: np.ndarray | None = None,
-         exponents: tuple[float, float] = spectrum.NATURAL_EXPONENTS) -> Parameterization:
+def maco(magnitude: np.ndarray | None = None, exponents: tuple[float, float] = spectrum.NATURAL_EXPONENTS,
+         contrast: float = 1.0) -> Parameterization:
     """The MACO parameterization (Fel et al. 2023, "Unlocking feature visualization for deeper
     networks with magnitude constrained optimization"): the video's amplitude spectrum is fixed
     and only its phase is optimised.
@@ -184,13 +185,14 @@ def maco(magnitude: np.ndarray | None = None,
     ``to_video(phase)`` is ``to_valid_rgb(maco_colours(phase, maco_magnitude(...), W))``: decorrelated
     colour and a sigmoid as the other parameterizations. The magnitude is ``magnitude`` (e.g. the
     mean spectrum of clips, :func:`kv3d_jax.spectrum.from_clips`) or the natural-video law with
-    ``exponents``; it is a constant of the parameterization, built once per video shape (the
+    ``exponents``, scaled to the root mean square ``contrast`` before the colour transform; it is
+    a constant of the parameterization, built once per video shape (the
     width is even, ``2 * (W//2+1 - 1)``, as :func:`maco_init` requires).
     """
     def to_video(phase: jax.Array) -> jax.Array:
         t, h, wf = phase.shape[:3]
         w = 2 * (wf - 1)
-        return to_valid_rgb(maco_colours(phase, maco_magnitude((t, h, w), magnitude, exponents), w))
+        return to_valid_rgb(maco_colours(phase, maco_magnitude((t, h, w), magnitude, exponents, contrast), w))
 
     return Parameterization(maco_init, to_video)
 

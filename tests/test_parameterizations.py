@@ -49,6 +49,8 @@ def test_pre_sigmoid_spectrum_has_exactly_the_fixed_magnitude(shape):
     np.testing.assert_allclose(_amplitude(colours), magnitude, rtol=0, atol=1e-5 * magnitude.max())
     assert float(jnp.sqrt(jnp.mean(colours**2))) == pytest.approx(1.0, rel=1e-5)
     np.testing.assert_allclose(colours.mean(axis=(0, 1, 2)), 0.0, atol=1e-6)
+    stronger = parameterizations.maco_colours(phase, parameterizations.maco_magnitude(shape, contrast=2.5), shape[2])
+    np.testing.assert_allclose(stronger, 2.5 * colours, rtol=0, atol=1e-5)
 
 
 def test_an_optimiser_step_changes_the_phase_but_not_the_magnitude():
@@ -152,6 +154,7 @@ def test_cli_help_lists_maco_and_its_options(capsys):
         main(["maximize", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "maco" in text and "--magnitude-from FILE" in text and "--maco-exponents A B" in text
+    assert "--maco-contrast" in text
 
 
 def test_cli_magnitude_from_needs_maco(tmp_path, capsys):

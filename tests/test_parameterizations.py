@@ -165,13 +165,25 @@ def test_cli_magnitude_from_needs_maco(tmp_path, capsys):
     assert err.count("\n") == 1 and "kv3d maximize: error: --magnitude-from" in err and "maco" in err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--magnitude-from", "{tmp}/missing.gif"], "no such file or folder: {tmp}/missing.gif"),
+    (["--maco-contrast", "nan"], "--maco-contrast takes a number above 0"),
+])
+def test_cli_refuses_bad_maco_inputs_in_one_line(tmp_path, capsys, argv, message):
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    assert main(["maximize", "--layer", "conv1", "--parameterization", "maco", "--out", str(tmp_path / "out"),
+                 *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kv3d maximize: error: ") and message.format(tmp=tmp_path) in err
+
+
 def test_cli_maco_from_clips_writes_attribution(tmp_path, capsys):
     clip = np.asarray(jax.random.uniform(jax.random.PRNGKey(10), (6, 20, 24, 3)))
     gif = writers.save_gif(tmp_path / "clip.gif", clip)
     out = tmp_path / "out"
-    assert main(["maximize", "--layer", "conv2", "--channels", "0,5", "--preset", "native", "--steps", "1",
+    assert main(["maximize", "--layer", "conv1", "--channels", "0,5", "--preset", "native", "--steps", "1",
                  "--parameterization", "maco", "--magnitude-from", str(gif), "--out", str(out)]) == 0
-    saved = np.load(out / "motionnet_conv2_stage1.npz")
+    saved = np.load(out / "motionnet_conv1_stage1.npz")
     assert saved["videos"].shape == (2, 16, 32, 32, 3)
     assert saved["attribution"].shape == (2, 16, 32, 32) and np.all(saved["attribution"] >= 0)
     assert np.all(saved["attribution"].sum(axis=(1, 2, 3)) > 0)

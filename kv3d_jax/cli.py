@@ -278,7 +278,7 @@ def _add_maximize(sub) -> None:
                    default=spectrum.NATURAL_EXPONENTS,
                    help="with --parameterization maco: exponents of the natural-video law 1/(f_s^A f_t^B), "
                    "spatial and temporal (default %(default)s)")
-    p.add_argument("--maco-contrast", type=float, default=1.0,
+    p.add_argument("--maco-contrast", type=float, default=1.0, metavar="C",
                    help="with --parameterization maco: root mean square of the video before its colour transform "
                    "and sigmoid (default 1, MACO's; higher reaches higher objectives, docs/maco.md)")
     p.add_argument("--batch-size", type=int,

@@ -27,7 +27,7 @@ from PIL import Image
 
 import converters
 from kv3d_jax import agreement, decomposition, maximization, models, parameterizations, params_io, pipeline
-from kv3d_jax import job, runner, tuning, writers, zoo
+from kv3d_jax import job, runner, spectrum, transforms, tuning, writers, zoo
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import PRESETS, maximize
 from kv3d_jax.motion import motion_summary
@@ -271,7 +271,19 @@ def _add_maximize(sub) -> None:
                    help="channel: mean activation (default); neuron: the centre activation")
     p.add_argument("--rectify", action="store_true", help="maximise the activation after a ReLU")
     p.add_argument("--parameterization", default="pixel", choices=tuple(parameterizations.PARAMETERIZATIONS),
-                   help="how the video is represented (default pixel)")
+                   help="how the video is represented (default pixel); maco fixes the video's amplitude "
+                   "spectrum and optimises its phase, and adds each kernel's attribution map to the .npz")
+    p.add_argument("--magnitude-from", nargs="+", metavar="FILE",
+                   help="with --parameterization maco: fix the amplitude spectrum to the mean of these clips' spectra "
+                   "(GIFs, folders of GIFs or .npz files with 'videos' (K, T, H, W, 3) in [0, 1]), each "
+                   "resized to the optimised clip's size; default: the natural-video law")
+    p.add_argument("--maco-exponents", nargs=2, type=float, metavar=("A", "B"),
+                   default=spectrum.NATURAL_EXPONENTS,
+                   help="with --parameterization maco: exponents of the natural-video law 1/(f_s^A f_t^B), "
+                   "spatial and temporal (default %(default)s)")
+    p.add_argument("--maco-contrast", type=float, default=1.0, metavar="C",
+                   help="with --parameterization maco: root mean square of the video before its colour transform "
+                   "and sigmoid (default 1, MACO's; higher reaches higher objectives, docs/maco.md)")
     p.add_argument("--batch-size", type=int,
                    help="kernels optimised together in one compiled batch (default: as many as fit in "
                    "70%% of the memory, from XLA's memory analysis)")
@@ -295,9 +307,21 @@ def _run_maximize(args) -> int:
         bar = bar or ProgressBar(total, label=f"{model.name} {args.layer}")
         bar.update(done, objective=objective)
 
+    if not all(math.isfinite(e) and 0 <= e <= 4 for e in args.maco_exponents):
+        raise ValueError(f"--maco-exponents takes two numbers from 0 to 4, got {quote(list(args.maco_exponents))}")
+    if not (math.isfinite(args.maco_contrast) and 0 < args.maco_contrast <= 100):
+        raise ValueError(f"--maco-contrast takes a number above 0 and at most 100, got {quote(args.maco_contrast)}")
     config = maximization.preset(args.preset, objective=args.objective, parameterization=args.parameterization,
-                                 rectify=args.rectify, **({} if args.steps is None else {"steps": args.steps}))
-    result = maximize(model, params, args.layer, channels, config=config, key=jax.random.PRNGKey(args.seed),
+                                 rectify=args.rectify, maco_exponents=tuple(args.maco_exponents),
+                                 maco_contrast=args.maco_contrast,
+                                 **({} if args.steps is None else {"steps": args.steps}))
+    if args.magnitude_from:
+        if args.parameterization != "maco":
+            raise ValueError("--magnitude-from fixes the spectrum of --parameterization maco; add it")
+        shape = tuple(config.shape or model.input_shape)
+        config = maximization.preset(config, magnitude=_clip_magnitude(args.magnitude_from, shape))
+    key = jax.random.PRNGKey(args.seed)
+    result = maximize(model, params, args.layer, channels, config=config, key=key,
                       batch_size=args.batch_size, callback=show, compute_dtype=jnp.dtype(args.dtype))
     if bar is not None:
         bar.close()
@@ -305,14 +329,39 @@ def _run_maximize(args) -> int:
     for channel, video in zip(result.channels, videos):
         writers.save_gif(output_path(out, f"{writers.kernel_stem(model.name, args.layer, int(channel))}_stage1.gif"),
                          video)
+    extra = {}
+    if args.parameterization == "maco" and len(videos):
+        targets = np.asarray(result.channels, np.int32)
+        extra["attribution"] = np.asarray(maximization.attribution(
+            model, params, args.layer, config, videos, targets, jax.random.fold_in(key, 1),
+            compute_dtype=jnp.dtype(args.dtype)))
     part = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
     npz = writers.save_npz(
         output_path(out, f"{model.name}_{args.layer}_stage1{part}.npz"), videos=videos, objective=objective,
-        channels=result.channels, model=model.name, layer=args.layer,
+        channels=result.channels, model=model.name, layer=args.layer, **extra,
     )
     print(f"{len(videos)} kernels of {model.name} {args.layer}: mean objective {objective.mean():.4g}; "
           f"GIFs and {npz.name} in {args.out}")
     return 0
+
+
+def _clip_magnitude(paths: list[str], shape: tuple[int, int, int]) -> spectrum.Magnitude:
+    """The mean amplitude spectrum (:func:`kv3d_jax.spectrum.from_clips`) of the clips in ``paths``, each
+    read by the bounded readers of `kv3d decompose` (GIFs, folders of GIFs, stage-1 ``.npz``; at most
+    :data:`MAX_TOTAL_PIXELS` pixels in all) and resized trilinearly to ``shape`` ``(T, H, W)``."""
+    total, count, summed = 0, 0, 0.0
+    for path in paths:
+        for _, clip in _decompose_inputs(path):
+            total += math.prod(clip.shape[:3])
+            if total > MAX_TOTAL_PIXELS:
+                raise ValueError(f"--magnitude-from clips hold more than {MAX_TOTAL_PIXELS:,} pixels in all; "
+                                 "give fewer or smaller clips")
+            if not (clip.min() >= 0 and clip.max() <= 1):
+                raise ValueError(f"{path} holds values outside [0, 1]; --magnitude-from reads videos in [0, 1]")
+            resized = transforms.apply(jnp.asarray(clip), transforms.resize_matrices(clip.shape[:3], shape))
+            summed = summed + spectrum.from_clips(np.asarray(resized)[None], parameterizations.COLOR_DECORRELATION)
+            count += 1
+    return spectrum.Magnitude(summed / count)
 
 
 def _add_tuning(sub) -> None:

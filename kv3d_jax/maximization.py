@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kv3d_jax import objectives, parameterizations, runner, transforms
+from kv3d_jax import objectives, parameterizations, runner, spectrum, transforms
 from kv3d_jax.models.base import IMAGENET_MEAN, IMAGENET_STD, VideoModel
 
 Params = Any
@@ -43,6 +43,13 @@ class Config:
       parameterization: a name in :data:`kv3d_jax.parameterizations.PARAMETERIZATIONS`.
       rectify: apply the objective to ``relu(activation)``.
       chunk: at most this many steps per compiled call (progress is reported between chunks).
+      maco_exponents: ``(a, b)`` of the natural-video amplitude law ``1 / (f_s^a · f_t^b)`` that
+        ``parameterization="maco"`` fixes (:data:`kv3d_jax.spectrum.NATURAL_EXPONENTS`, with the
+        literature behind them).
+      maco_contrast: the root mean square of a ``"maco"`` video before its colour transform and
+        sigmoid (MACO's own standardisation: 1).
+      magnitude: for ``"maco"``, a fixed amplitude spectrum ``(T, H, W//2+1, 3)`` to use instead of
+        the law (e.g. estimated from clips, :func:`kv3d_jax.spectrum.from_clips`); None: the law.
     """
 
     shape: tuple[int, int, int] | None
@@ -56,6 +63,9 @@ class Config:
     parameterization: str = "pixel"
     rectify: bool = False
     chunk: int = 50
+    maco_exponents: tuple[float, float] = spectrum.NATURAL_EXPONENTS
+    maco_contrast: float = 1.0
+    magnitude: spectrum.Magnitude | None = None
 
 
 PRESETS: dict[str, Config] = {
@@ -121,6 +131,17 @@ class Stage1Result:
     channels: np.ndarray
     layer: str = flax.struct.field(pytree_node=False)
     linear: bool = flax.struct.field(pytree_node=False)
+
+
+def parameterization_of(config: Config) -> parameterizations.Parameterization:
+    """The parameterization ``config`` names, with its MACO magnitude (or law exponents) for ``"maco"``."""
+    if config.parameterization == "maco":
+        magnitude = None if config.magnitude is None else config.magnitude.array
+        return parameterizations.maco(magnitude, tuple(config.maco_exponents), config.maco_contrast)
+    if config.magnitude is not None:
+        raise ValueError(f"a fixed magnitude is only used by parameterization='maco', not "
+                         f"{config.parameterization!r}")
+    return parameterizations.get(config.parameterization)
 
 
 def _optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -206,7 +227,8 @@ def kernel_step(
     state stay float32.
     """
     model.check_layer(layer)
-    to_video = parameterizations.get(parameterization or config.parameterization).to_video
+    chosen = parameterizations.get(parameterization) if parameterization else parameterization_of(config)
+    to_video = chosen.to_video
     value_fn = objective_value(model, layer, config.objective, config.rectify, compute_dtype)
     optimizer = _optimizer(config.learning_rate)
     mean, std = mean_std(model, config)
@@ -259,7 +281,7 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
             compute_dtype=jnp.float32) -> runner.Problem:
     """Stage 1's per-kernel problem for ``(T, H, W)`` videos: target a channel index ``()`` (or
     weights ``(C,)``), outputs ``(video (T, H, W, 3) min-max normalised, objective ())``."""
-    to_video = parameterizations.get(config.parameterization).to_video
+    to_video = parameterization_of(config).to_video
     value_fn = objective_value(model, layer, config.objective, config.rectify, compute_dtype)
     mean, std = mean_std(model, config)
 
@@ -273,6 +295,56 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
 
     return runner.Problem(init, kernel_step(model, layer, config, compute_dtype=compute_dtype), outputs,
                           convolves=True)
+
+
+def attribution(
+    model: VideoModel,
+    params: Params,
+    layer: str,
+    config: Config,
+    videos: jax.Array,
+    targets: jax.Array,
+    key: jax.Array,
+    samples: int = 8,
+    noise: float = 0.05,
+    kernel_batch: int = 8,
+    compute_dtype=jnp.float32,
+) -> jax.Array:
+    """MACO's attribution map of each kernel's video: where in space and time the objective draws on it.
+
+    For kernel k, the sum over ``samples`` noisy, jittered copies of ``videos[k]`` ``(T, H, W, 3)`` of
+    ``|∂ objective / ∂ video|`` summed over colours: ``(K, T, H, W)`` float32, in objective units per
+    unit of pixel value. Each copy adds Gaussian noise of standard deviation ``noise`` (MACO adds
+    noise of 0.05 to its crops) and draws a jitter as stage 1's steps do (``config``'s shifts and
+    scales); ``targets`` are the kernels' targets (channel indices ``(K,)`` or weights ``(K, C)``)
+    and ``key`` the PRNG key. MACO accumulates the same absolute gradient over its optimisation
+    steps; taking it at the final video, as SmoothGrad does, needs no change to the optimisation
+    state and costs ``samples`` gradients per kernel. Kernels run ``kernel_batch`` at a time.
+    """
+    value_fn = objective_value(model, layer, config.objective, config.rectify, compute_dtype)
+    mean, std = mean_std(model, config)
+
+    def value(model_params, video, target, sample_key):
+        kj, kn = jax.random.split(sample_key)
+        jitter = transforms.random_jitter(kj, config.max_shift, config.scales)
+        noisy = video + noise * jax.random.normal(kn, video.shape, video.dtype)
+        return value_fn(model_params, model_input(noisy, jitter, config.resize, mean, std), target)
+
+    grad = jax.grad(value, argnums=1)
+
+    def one(model_params, video, target, kernel_key):
+        def add(total, sample_key):
+            return total + jnp.sum(jnp.abs(grad(model_params, video, target, sample_key)), axis=-1), None
+
+        total, _ = jax.lax.scan(add, jnp.zeros(video.shape[:3], jnp.float32), jax.random.split(kernel_key, samples))
+        return total
+
+    @jax.jit
+    def run(model_params, videos, targets, keys):
+        return jax.lax.map(lambda x: one(model_params, *x), (videos, targets, keys), batch_size=kernel_batch)
+
+    videos = jnp.asarray(videos, jnp.float32)
+    return run(params, videos, jnp.asarray(targets), jax.random.split(key, videos.shape[0]))
 
 
 def check_reachable(model: VideoModel, params: Params, layer: str, config: Config, shape) -> int:
@@ -344,12 +416,18 @@ def maximize(
       in the input, whose optimum is a flat colour (SPEC §5).
     """
     config = get_preset(config) if isinstance(config, str) else config
-    parameterizations.get(config.parameterization)
+    parameterization_of(config)
     objectives.get(config.objective)
     if config.steps < 1:
         raise ValueError(f"steps must be at least 1, got {config.steps}")
     shape = tuple(config.shape or model.input_shape)
     num = check_reachable(model, params, layer, config, shape)
+    # A shape the parameterization cannot represent (an odd width, a magnitude of another size) is
+    # refused here in one line, not from inside the compiled batch.
+    jax.eval_shape(lambda k: parameterization_of(config).init(k, shape), jax.random.PRNGKey(0))
+    if config.parameterization == "maco":
+        parameterizations.maco_magnitude(shape, None if config.magnitude is None else config.magnitude.array,
+                                         tuple(config.maco_exponents), config.maco_contrast)
     if config.objective == "weighted":
         if weights is None or channels is not None:
             raise ValueError("objective='weighted' needs weights (K, C) and no channels")

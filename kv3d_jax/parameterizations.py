@@ -5,6 +5,7 @@ starting parameter pytree for a ``(T, H, W)`` video and ``to_video(param)`` maps
 ``(T, H, W, 3)`` video in [0, 1]. Each goes through Lucid's colour decorrelation and a sigmoid,
 so the optimiser works in a space where colour channels are decorrelated and pixel values
 can never leave [0, 1]. ``pixel`` and ``fourier`` describe every frame freely;
+``maco`` (Fel et al. 2023) fixes the video's amplitude spectrum and optimises its phase;
 ``static_displacement`` is SPEC §3's model, one static image warped by a displacement per
 frame; ``static_velocity`` is the same model with each pixel's displacement moving at a
 constant velocity (:mod:`kv3d_jax.refine` optimises either).
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kv3d_jax import spectrum
 from kv3d_jax.warp import warp
 
 # Lucid's square root of the ImageNet colour correlation matrix, scaled so that its largest
@@ -91,6 +93,110 @@ def fourier_to_video(param: jax.Array, decay_power: float = 1.0) -> jax.Array:
     return to_valid_rgb(x.astype(jnp.float32))
 
 
+def maco_init(key: jax.Array, shape: tuple[int, int, int], sd: float = 1.0) -> jax.Array:
+    """A phase parameter ``(T, H, W//2+1, 3)`` (radians, one per rfft coefficient and decorrelated
+    colour) drawn from ``N(0, sd²)``, as MACO draws its phase (Xplique's ``init_maco_buffer``).
+
+    The width must be even: ``to_video`` recovers it as ``2 * (W//2+1 - 1)``.
+    """
+    t, h, w = shape
+    if w % 2:
+        raise ValueError(
+            f"the MACO parameterization needs an even width, got W={w}; "
+            "use an even width or parameterization='pixel'"
+        )
+    return sd * jax.random.normal(key, (t, h, w // 2 + 1, 3), jnp.float32)
+
+
+def _mirror(plane: jax.Array) -> jax.Array:
+    """``plane[-t, -y]`` of a ``(T, H, ...)`` plane of the rfft grid: the coefficient at the opposite frequency."""
+    return jnp.roll(jnp.flip(plane, axis=(0, 1)), 1, axis=(0, 1))
+
+
+def hermitian_phase(phase: jax.Array, width: int) -> jax.Array:
+    """``phase`` ``(T, H, W//2+1, ...)`` made odd, ``φ(-f) = -φ(f)``, on the planes ``f_x = 0`` and (even
+    ``width``) ``f_x = 1/2``, the planes of the rfft grid that hold both ``f`` and ``-f``.
+
+    There ``(φ(f) - φ(-f)) / 2`` replaces ``φ``: with an even amplitude this makes the spectrum
+    that of a real video, so the inverse transform keeps every amplitude exactly (``irfftn`` would
+    otherwise keep only the Hermitian part, whose amplitude is ``|cos((φ(f) + φ(-f)) / 2)|`` times
+    smaller). Self-conjugate coefficients (the mean among them) get phase 0.
+    """
+    planes = [0] + ([phase.shape[2] - 1] if width % 2 == 0 and phase.shape[2] > 1 else [])
+    for x in planes:
+        plane = phase[:, :, x]
+        phase = phase.at[:, :, x].set((plane - _mirror(plane)) / 2.0)
+    return phase
+
+
+def maco_magnitude(shape: tuple[int, int, int], magnitude: np.ndarray | None = None,
+                   exponents: tuple[float, float] = spectrum.NATURAL_EXPONENTS, contrast: float = 1.0) -> np.ndarray:
+    """The fixed amplitude ``(T, H, W//2+1, 3)`` float32 of a ``(T, H, W)`` MACO video, per decorrelated colour.
+
+    ``magnitude`` (e.g. :func:`kv3d_jax.spectrum.from_clips`), broadcastable to that shape, or by
+    default :func:`kv3d_jax.spectrum.natural_law` with ``exponents`` for all three colours. The
+    mean (zero frequency) is set to 0 and the rest scaled so the pre-sigmoid video has a root mean
+    square of ``contrast`` over all its values: MACO standardises its image after the inverse
+    transform (``contrast`` 1), which with a fixed amplitude is this constant scaling (Parseval) and
+    the removal of the mean.
+    """
+    t, h, w = shape
+    grid = (t, h, w // 2 + 1, 3)
+    source = spectrum.natural_law(shape, exponents)[..., None] if magnitude is None else np.asarray(magnitude)
+    try:
+        amplitude = np.broadcast_to(np.asarray(source, np.float64), grid).copy()
+    except ValueError:
+        raise ValueError(f"a MACO magnitude of shape {np.shape(source)} does not fit a {shape} video, whose "
+                         f"spectrum is {grid}; estimate it from clips of that size") from None
+    amplitude[0, 0, 0] = 0.0
+    # rfft coefficients strictly inside the x axis stand for two (f and -f); Parseval's weight.
+    weight = np.full(grid[2], 2.0)
+    weight[0] = 1.0
+    if w % 2 == 0 and grid[2] > 1:
+        weight[-1] = 1.0
+    energy = np.sum(weight[None, None, :, None] * amplitude**2) / (t * h * w) ** 2
+    if energy <= 0:
+        raise ValueError("a MACO magnitude must have some energy away from the zero frequency")
+    return (contrast * amplitude / np.sqrt(energy / 3.0)).astype(np.float32)
+
+
+def maco_colours(phase: jax.Array, magnitude: np.ndarray, width: int) -> jax.Array:
+    """The pre-sigmoid, decorrelated video ``(T, H, W, 3)`` of a MACO phase ``(T, H, W//2+1, 3)``.
+
+    As in MACO, the phase is standardised over all its values (mean 0, standard deviation 1, so
+    Adam's step size means the same whatever the phase has drifted to), made odd where the rfft
+    grid needs it (:func:`hermitian_phase`) and combined with the fixed ``magnitude``
+    (:func:`maco_magnitude`); ``rfftn`` of the result has amplitude exactly ``magnitude``.
+    """
+    t, h = phase.shape[:2]
+    phase = (phase - jnp.mean(phase)) / (jnp.std(phase) + 1e-5)
+    phase = hermitian_phase(phase, width)
+    magnitude = jnp.asarray(magnitude)
+    coefficients = jax.lax.complex(magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
+    return jnp.fft.irfftn(coefficients, s=(t, h, width), axes=(0, 1, 2)).astype(jnp.float32)
+
+
+def maco(magnitude: np.ndarray | None = None, exponents: tuple[float, float] = spectrum.NATURAL_EXPONENTS,
+         contrast: float = 1.0) -> Parameterization:
+    """The MACO parameterization (Fel et al. 2023, "Unlocking feature visualization for deeper
+    networks with magnitude constrained optimization"): the video's amplitude spectrum is fixed
+    and only its phase is optimised.
+
+    ``to_video(phase)`` is ``to_valid_rgb(maco_colours(phase, maco_magnitude(...), W))``: decorrelated
+    colour and a sigmoid as the other parameterizations. The magnitude is ``magnitude`` (e.g. the
+    mean spectrum of clips, :func:`kv3d_jax.spectrum.from_clips`) or the natural-video law with
+    ``exponents``, scaled to the root mean square ``contrast`` before the colour transform; it is
+    a constant of the parameterization, built once per video shape (the
+    width is even, ``2 * (W//2+1 - 1)``, as :func:`maco_init` requires).
+    """
+    def to_video(phase: jax.Array) -> jax.Array:
+        t, h, wf = phase.shape[:3]
+        w = 2 * (wf - 1)
+        return to_valid_rgb(maco_colours(phase, maco_magnitude((t, h, w), magnitude, exponents, contrast), w))
+
+    return Parameterization(maco_init, to_video)
+
+
 def static_displacement_init(key: jax.Array, shape: tuple[int, int, int], sd: float = 0.01) -> dict:
     """A texture-plus-motion parameter for a ``(T, H, W)`` video: ``{"static": (H, W, 3)``
     decorrelated colours, ``"displacement": (T, H, W, 2)`` px``}``, both drawn from ``N(0, sd²)``."""
@@ -143,6 +249,7 @@ def static_velocity_to_video(param: dict) -> jax.Array:
 PARAMETERIZATIONS: dict[str, Parameterization] = {
     "pixel": Parameterization(pixel_init, pixel_to_video),
     "fourier": Parameterization(fourier_init, fourier_to_video),
+    "maco": maco(),
     "static_displacement": Parameterization(static_displacement_init, static_displacement_to_video),
     "static_velocity": Parameterization(static_displacement_init, static_velocity_to_video),
 }

@@ -754,6 +754,9 @@ def _add_visualize(sub) -> None:
                    "to --batch on every device (default: one batch); results do not depend on it")
     p.add_argument("--media", choices=tuple(MEDIA), default=MEDIA[0], help=f"format of the moving pictures "
                    f"(default {MEDIA[0]}; gif plays anywhere but is several times larger)")
+    p.add_argument("--parameterization", choices=job.STAGE1_PARAMETERIZATIONS, default="pixel",
+                   help="how stage 1 represents a video: pixel (default), fourier, or maco (only the phase of its "
+                   "spectrum is optimised, the magnitude fixed to the natural-video law; docs/maco.md)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**63-1 (default 0)")
     p.add_argument("--rectify", action="store_true", help="maximise each channel after a ReLU (for layers "
                    "whose output is linear in the input, whose optimum is otherwise a flat colour)")
@@ -779,7 +782,8 @@ def _run_visualize(args) -> int:
                          f"{_MAX_MEMORY_GIB:,.0f}, got {args.memory_budget}")
     the_job = job.Job.create(args.model, args.preset, args.steps, args.decompose_steps, seed=args.seed,
                              rectify=args.rectify, refine_steps=args.refine, refine_motion=args.refine_motion,
-                             dtype=args.dtype, batch=args.batch, media=args.media)
+                             dtype=args.dtype, batch=args.batch, media=args.media,
+                             parameterization=args.parameterization)
     if not args.layer and args.layers is None and the_job.model != job.DEFAULT_MODEL:
         raise ValueError(f"choose layers of {the_job.model} with --layer L (repeatable) or --layers all; "
                          f"valid layers are: {', '.join(models.get(the_job.model).layers)}")

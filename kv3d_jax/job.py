@@ -31,6 +31,8 @@ DEFAULTS = {DEFAULT_MODEL: {"preset": "native", "steps": 40, "decompose_steps": 
 OTHER_MODELS = {"preset": "paper", "decompose_steps": 2000}
 # The dtypes a model may run in.
 DTYPES = ("float32", "bfloat16")
+# The parameterizations stage 1 of a job may use: those that describe every frame freely.
+STAGE1_PARAMETERIZATIONS = ("pixel", "fourier", "maco")
 # Kernels per device in one compiled batch: wide enough to keep a CPU's cores busy, small
 # enough that a MotionNet or C3D layer pads at most a few kernels.
 DEFAULT_BATCH = 8
@@ -58,6 +60,9 @@ class Job:
         resume as long as ``batch`` is the same (another batch shape may pick other convolution
         algorithms); memory bounds it (a batch that does not fit is an error naming the fix).
       media: the format of the moving pictures (:data:`kv3d_jax.record.MEDIA`).
+      parameterization: how stage 1 represents a video (:data:`kv3d_jax.parameterizations.PARAMETERIZATIONS`:
+        ``pixel``, ``fourier`` or ``maco``, the phase of a spectrum whose magnitude follows the
+        natural-video law, :mod:`kv3d_jax.spectrum`).
     """
 
     model: str
@@ -72,6 +77,7 @@ class Job:
     rectify_linear: bool = True
     batch: int = DEFAULT_BATCH
     media: str = MEDIA[0]
+    parameterization: str = "pixel"
 
     def __post_init__(self):
         get_preset(self.preset)
@@ -82,7 +88,8 @@ class Job:
             raise ValueError(f"refine_steps must be at least 1 (or 0 for no refinement), got {self.refine_steps!r}")
         if not isinstance(self.seed, numbers.Integral) or not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
-        for name, valid in (("refine_motion", MOTIONS), ("dtype", DTYPES), ("media", MEDIA)):
+        for name, valid in (("refine_motion", MOTIONS), ("dtype", DTYPES), ("media", MEDIA),
+                            ("parameterization", STAGE1_PARAMETERIZATIONS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid ones are: {', '.join(valid)}")
 
@@ -115,8 +122,10 @@ class Job:
         return self.rectify or (self.rectify_linear and layer in model.linear_layers)
 
     def stage1(self, model, layer: str) -> maximization.Config:
-        """Stage 1's config for ``layer`` of ``model``: the preset with this job's steps and rectification."""
-        return maximization.preset(self.preset, steps=self.steps, rectify=self.rectified(model, layer))
+        """Stage 1's config for ``layer`` of ``model``: the preset with this job's steps, rectification
+        and parameterization."""
+        return maximization.preset(self.preset, steps=self.steps, rectify=self.rectified(model, layer),
+                                   parameterization=self.parameterization)
 
     def stage2(self) -> decomposition.Config:
         """Stage 2's config: the reference's weights with this job's steps."""
@@ -147,6 +156,7 @@ class Job:
         """One line saying how ``layer``'s kernels were computed (a gallery page's subtitle)."""
         refined = f", {self.refine_steps} refinement steps ({self.refine_motion} motion)" if self.refine_steps else ""
         rectified = ", rectified" if self.rectified(model, layer) else ""
+        rectified += f", {self.parameterization} parameterization" if self.parameterization != "pixel" else ""
         return (f"{self.preset} preset{rectified}, {self.steps} stage-1 steps, {self.decompose_steps} "
                 f"decomposition steps{refined}, seed {self.seed}")
 

@@ -89,6 +89,10 @@ def test_a_job_fills_in_the_default_job_and_the_presets_and_reads_back_from_its_
     # The stage configs are resolved from the job alone.
     assert JOB.stage1(TINY, "a") == maximization.preset("native", steps=4, rectify=True)
     assert JOB.stage2() == decomposition.Config(steps=4) and JOB.stage3(TINY, "b") is None
+    maco = dataclasses.replace(JOB, parameterization="maco")
+    assert maco.stage1(TINY, "b").parameterization == "maco" and "maco parameterization" in maco.describe(TINY, "b")
+    with pytest.raises(ValueError, match="unknown parameterization 'static_velocity'; valid ones are: pixel, fourier"):
+        dataclasses.replace(JOB, parameterization="static_velocity")
 
 
 def test_job_layers():

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kv3d_jax import motion, writers
+from kv3d_jax.record import KernelRecord
 
 # The border the job's motion read-out ignores, px (pipeline._BORDER): drawn grey, as in the job.
 BORDER = 2
@@ -43,7 +44,8 @@ def main() -> None:
     kernels = []
     for path in records:
         with np.load(path) as r:
-            record = {k: r[k] for k in ("video", "static", "displacement", "reconstruction")}
+            record = {k: r[k].astype(np.float32) for k in ("video", "static", "displacement")}
+        record["reconstruction"] = KernelRecord.reconstruction(record)
         valid = np.asarray(motion.observability(record["static"], record["displacement"], BORDER)) > 0
         kernels.append((path.parent.name, int(path.stem), record, valid))
     for media in writers.MEDIA:

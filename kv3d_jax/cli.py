@@ -13,6 +13,7 @@ import errno
 import itertools
 import math
 import mmap
+import os
 import struct
 import sys
 import warnings
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 import converters
-from kv3d_jax import agreement, decomposition, maximization, models, parameterizations, params_io, pipeline
+from kv3d_jax import agreement, decomposition, distribute, maximization, models, parameterizations, params_io, pipeline
 from kv3d_jax import job, runner, spectrum, transforms, tuning, writers, zoo
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import PRESETS, maximize
@@ -86,7 +87,7 @@ def _one_line(err: BaseException) -> str:
         text = f"{err.strerror}{where}{hint}"
     elif isinstance(err, OverflowError):
         text = f"a number is too large to use ({err})"
-    elif isinstance(err, (ValueError, OSError, zipfile.BadZipFile)):
+    elif isinstance(err, (ValueError, OSError, zipfile.BadZipFile, distribute.ProcessLost)):
         text = str(err) or type(err).__name__
     else:
         text = f"kv3d failed unexpectedly ({err or 'no message'}); please report this"
@@ -118,14 +119,25 @@ def main(argv: list[str] | None = None) -> int:
             status = args.run(args) or 0
         except KeyboardInterrupt:
             print(f"kv3d {args.command}: error: interrupted; finished work is kept", file=sys.stderr)
-            return 130
+            return _leave(130)
         except Exception as err:  # noqa: BLE001 - every failure is reported as one line, never a traceback
             print(f"kv3d {args.command}: error: {_one_line(err)}", file=sys.stderr)
-            return 2 if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                                         OverflowError)) else 1
+            return _leave(2 if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                                                OverflowError)) else 1)
     for warning in caught:
         message = " ".join(str(warning.message).split())
         print(f"kv3d {args.command}: warning: {printable(message, 1000)}", file=sys.stderr)
+    return status
+
+
+def _leave(status: int) -> int:
+    """``status``, or, in a failed process of a ``jax.distributed`` run, the process's end with it at
+    once: JAX's shutdown at exit would wait for the heartbeats of the processes that are gone
+    (100 s) and then abort with a stack dump, which is not a one-line failure."""
+    if jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     return status
 
 
@@ -823,17 +835,18 @@ def _add_gallery(sub) -> None:
         description="Writes RUN/index.html and a page per layer from the kernels RUN holds, redrawing any "
         "missing picture: at any time no run is writing into RUN, e.g. after one was killed.",
     )
-    p.add_argument("run", metavar="RUN", help="the run folder")
+    p.add_argument("folder", metavar="RUN", help="the run folder")
     p.add_argument("--weights", help=f"the run's params file or checkpoint (not needed for {job.DEFAULT_MODEL})")
     p.set_defaults(run=_run_gallery)
 
 
 def _run_gallery(args) -> int:
-    folder = _output_folder(args.run)
+    folder = _output_folder(args.folder)
     the_job, model, params = agreement.load_run(folder, args.weights)
     with Store.open(folder, the_job.config(model), params_checksum(params)) as store:
         if not any(store.finished(layer) for layer in store.layers()):
-            raise ValueError(f"{args.run} holds no finished kernels yet; run `kv3d visualize --out {args.run}` first")
+            raise ValueError(f"{args.folder} holds no finished kernels yet; run `kv3d visualize --out {args.folder}` "
+                             "first")
         index = pipeline.build_gallery(store, model, the_job, folder)
     print(f"results: {index.resolve()}")
     return 0

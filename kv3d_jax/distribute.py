@@ -67,11 +67,21 @@ def process_share(ids: np.ndarray) -> np.ndarray:
     return np.asarray(ids)[jax.process_index()::jax.process_count()]
 
 
+class ProcessLost(RuntimeError):
+    """Another process of a ``jax.distributed`` run stopped before it reached a barrier."""
+
+
 def barrier(name: str) -> None:
     """Waits until every process of a ``jax.distributed`` run has reached the barrier ``name``
-    (``jax.experimental.multihost_utils.sync_global_devices``); returns at once in a single process."""
+    (``jax.experimental.multihost_utils.sync_global_devices``); returns at once in a single process.
+    Raises :class:`ProcessLost` if another process is gone (killed, crashed)."""
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        try:
+            multihost_utils.sync_global_devices(name)
+        except Exception as err:  # noqa: BLE001 - the collective's own error names only a socket
+            raise ProcessLost(f"another process of this run stopped before {name!r} ({type(err).__name__}); "
+                              "the kernels finished are kept: run the same command again, on any number of "
+                              "processes, to finish the rest") from None
 
 
 def padded_batch(batch: int, mesh: Mesh) -> int:

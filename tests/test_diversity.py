@@ -47,9 +47,12 @@ def test_kernels_batched_equal_the_same_kernels_run_apart(tiny_model):
 
 def test_diversity_term_lowers_the_pairwise_cosine(tiny_model):
     model, params = tiny_model
-    config = maximization.preset(CONFIG, steps=12)
-    plain = diversity.maximize_diverse(model, params, "b", [0, 1], 4, config=config, weight=0.0, pattern="flat")
-    diverse = diversity.maximize_diverse(model, params, "b", [0, 1], 4, config=config, weight=3.0, pattern="flat")
+    config = maximization.preset(CONFIG, steps=8)
+    # A given batch size: planning one from the memory analysis would compile several more programs.
+    plain = diversity.maximize_diverse(model, params, "b", [0, 1], 4, config=config, weight=0.0, pattern="flat",
+                                       batch_size=2)
+    diverse = diversity.maximize_diverse(model, params, "b", [0, 1], 4, config=config, weight=3.0, pattern="flat",
+                                         batch_size=2)
     assert off_diagonal(diverse.cosine).mean(axis=1).max() < off_diagonal(plain.cosine).mean(axis=1).min() - 0.2
     # Each result's cosines are those of its own optima: the public measure agrees on the raw
     # videos' min-max normalised copies to within what that normalisation changes.
@@ -85,8 +88,9 @@ def test_a_failed_kernel_stays_alone(tiny_model):
 
 def test_maco_through_the_public_api(tiny_model):
     model, params = tiny_model
-    config = maximization.preset(CONFIG, parameterization="maco")
-    result = kv3d_jax.maximize_diverse(model, params, "b", [1], 2, config=config, key=jax.random.key(4))
+    config = maximization.preset(CONFIG, steps=2, parameterization="maco")
+    result = kv3d_jax.maximize_diverse(model, params, "b", [1], 2, config=config, key=jax.random.key(4),
+                                       batch_size=1)
     assert result.videos.shape == (1, 2, *SHAPE, 3) and not result.failed.any()
     assert float(np.abs(result.videos[0, 0] - result.videos[0, 1]).max()) > 0.1
 
@@ -107,18 +111,18 @@ def test_help_lists_the_flags(capsys):
 
 
 def test_cli_writes_each_optimum(tmp_path, capsys):
-    argv = ["maximize", "--layer", "conv2", "--channels", "1,4", "--out", str(tmp_path), "--preset", "native",
-            "--steps", "2", "--diversity", "2", "--diversity-weight", "5"]
+    argv = ["maximize", "--layer", "conv1", "--rectify", "--channels", "1,4", "--out", str(tmp_path), "--preset",
+            "native", "--steps", "2", "--diversity", "2", "--diversity-weight", "5", "--batch-size", "2"]
     assert main(argv) == 0
     for channel in (1, 4):
         for i in range(2):
-            assert iio.imread(tmp_path / f"motionnet_conv2_{channel}_stage1_div{i}.gif", index=None).shape[:3] == (
+            assert iio.imread(tmp_path / f"motionnet_conv1_{channel}_stage1_div{i}.gif", index=None).shape[:3] == (
                 16, 32, 32)
-    saved = np.load(tmp_path / "motionnet_conv2_stage1_div.npz")
+    saved = np.load(tmp_path / "motionnet_conv1_stage1_div.npz")
     assert saved["videos"].shape == (2, 2, 16, 32, 32, 3) and saved["objective"].shape == (2, 2)
     assert saved["cosine"].shape == (2, 2, 2) and float(saved["diversity_weight"]) == 5
     np.testing.assert_array_equal(saved["channels"], [1, 4])
-    assert "motionnet_conv2_stage1_div.npz" in capsys.readouterr().out
+    assert "motionnet_conv1_stage1_div.npz" in capsys.readouterr().out
 
 
 def test_cli_refuses_a_negative_weight(tmp_path, capsys):

@@ -129,3 +129,11 @@ def test_cli_refuses_a_negative_weight(tmp_path, capsys):
     argv = ["maximize", "--layer", "conv2", "--out", str(tmp_path), "--diversity", "2", "--diversity-weight", "-1"]
     assert main(argv) == 2
     assert "kv3d maximize: error: --diversity-weight takes a finite number of at least 0" in capsys.readouterr().err
+
+
+def test_a_linear_objective_warns_at_the_callers_line(tiny_model):
+    model, params = tiny_model
+    with pytest.warns(UserWarning, match="linear in the input.*flat colour") as caught:
+        result = diversity.maximize_diverse(model, params, "a", [0], 2, config=maximization.preset(CONFIG, steps=1),
+                                            batch_size=1)
+    assert result.linear and caught[0].filename == __file__

@@ -295,9 +295,10 @@ def _add_maximize(sub) -> None:
                    help=f"N distinct optima per channel (2 to {MAX_DIVERSITY}), pushed apart by a diversity term on "
                    "the layer's activations: writes {model}_{layer}_{channel}_stage1_div{i}.gif for i = 0..N-1 and "
                    "{model}_{layer}_stage1_div.npz (videos (K, N, T, H, W, 3), objective (K, N), cosine (K, N, N))")
-    p.add_argument("--diversity-weight", type=float, default=diversity.DEFAULT_WEIGHT, metavar="W",
+    p.add_argument("--diversity-weight", type=float, metavar="W",
                    help="with --diversity: weight of the optima's mean pairwise cosine against their mean objective "
-                   "(default %(default)s, measured on MotionNet in docs/diversity.md; 0: independent optima)")
+                   f"(default {diversity.DEFAULT_WEIGHT:g}, measured on MotionNet in docs/diversity.md; 0: independent "
+                   "optima)")
     _add_processes(p)
     p.set_defaults(run=_run_maximize)
 
@@ -330,6 +331,8 @@ def _run_maximize(args) -> int:
         shape = tuple(config.shape or model.input_shape)
         config = maximization.preset(config, magnitude=_clip_magnitude(args.magnitude_from, shape))
     key = jax.random.PRNGKey(args.seed)
+    if args.diversity is None and args.diversity_weight is not None:
+        raise ValueError("--diversity-weight weighs the diversity term of --diversity N; add --diversity")
     if args.diversity is not None:
         return _run_diverse(args, out, model, params, channels, config, key, show, lambda: bar)
     result = maximize(model, params, args.layer, channels, config=config, key=key,
@@ -361,10 +364,11 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
     one GIF per optimum and one ``.npz`` (MACO attribution maps too, per optimum)."""
     if args.diversity > MAX_DIVERSITY:
         raise ValueError(f"--diversity takes 2 to {MAX_DIVERSITY} optima per channel, got {args.diversity}")
-    if not (math.isfinite(args.diversity_weight) and args.diversity_weight >= 0):
-        raise ValueError(f"--diversity-weight takes a finite number of at least 0, got {quote(args.diversity_weight)}")
+    weight = diversity.DEFAULT_WEIGHT if args.diversity_weight is None else args.diversity_weight
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"--diversity-weight takes a finite number of at least 0, got {quote(weight)}")
     result = diversity.maximize_diverse(model, params, args.layer, channels, args.diversity, config=config,
-                                        weight=args.diversity_weight, key=key, batch_size=args.batch_size,
+                                        weight=weight, key=key, batch_size=args.batch_size,
                                         callback=show, compute_dtype=jnp.dtype(args.dtype))
     if bar() is not None:
         bar().close()
@@ -383,7 +387,7 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
     npz = writers.save_npz(
         output_path(out, f"{model.name}_{args.layer}_stage1_div{part}.npz"), videos=videos, objective=objective,
         cosine=np.asarray(result.cosine), channels=result.channels, model=model.name, layer=args.layer,
-        diversity_weight=args.diversity_weight, **extra,
+        diversity_weight=weight, **extra,
     )
     off = np.asarray(result.cosine)[:, ~np.eye(args.diversity, dtype=bool)]
     print(f"{len(videos)} kernels x {args.diversity} optima of {model.name} {args.layer}: mean objective "

@@ -125,10 +125,14 @@ def test_cli_writes_each_optimum(tmp_path, capsys):
     assert "motionnet_conv1_stage1_div.npz" in capsys.readouterr().out
 
 
-def test_cli_refuses_a_negative_weight(tmp_path, capsys):
-    argv = ["maximize", "--layer", "conv2", "--out", str(tmp_path), "--diversity", "2", "--diversity-weight", "-1"]
-    assert main(argv) == 2
-    assert "kv3d maximize: error: --diversity-weight takes a finite number of at least 0" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--diversity", "2", "--diversity-weight", "-1"], "--diversity-weight takes a finite number of at least 0"),
+    (["--diversity-weight", "3"], "--diversity-weight weighs the diversity term of --diversity N; add --diversity"),
+    (["--diversity", "65"], "--diversity takes 2 to 64 optima per channel, got 65"),
+])
+def test_cli_refuses_bad_diversity_flags(tmp_path, capsys, flags, message):
+    assert main(["maximize", "--layer", "conv2", "--out", str(tmp_path), *flags]) == 2
+    assert f"kv3d maximize: error: {message}" in capsys.readouterr().err
 
 
 def test_a_linear_objective_warns_at_the_callers_line(tiny_model):

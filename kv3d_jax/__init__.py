@@ -7,6 +7,7 @@ import importlib
 _EXPORTS = {
     "decompose": "kv3d_jax.decomposition",
     "maximize": "kv3d_jax.maximization",
+    "maximize_diverse": "kv3d_jax.diversity",
     "models": "kv3d_jax.models",
     "motion_summary": "kv3d_jax.motion",
     "refine": "kv3d_jax.refinement",

@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 import converters
-from kv3d_jax import agreement, decomposition, distribute, maximization, models, parameterizations, params_io, pipeline
+from kv3d_jax import agreement, decomposition, distribute, diversity, maximization, models, parameterizations
+from kv3d_jax import params_io, pipeline
 from kv3d_jax import job, runner, spectrum, transforms, tuning, writers, zoo
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import PRESETS, maximize
@@ -49,6 +50,8 @@ MAX_VIDEO_PIXELS = 2**22
 MAX_VIDEO_FRAMES = 1024
 MAX_TOTAL_PIXELS = 2**24
 MAX_GIFS = 4096
+# `kv3d maximize --diversity`: the most optima per channel (each kernel holds all N videos in one batch).
+MAX_DIVERSITY = 64
 # GIF data blocks `kv3d decompose` walks through to count a GIF's frames (Pillow writes 255-byte
 # blocks: a GIF inside the pixel budget has a few tens of thousands).
 _MAX_GIF_BLOCKS = 2**20
@@ -301,6 +304,14 @@ def _add_maximize(sub) -> None:
                    "70%% of the memory, from XLA's memory analysis)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype the model computes in (default float32; the optimised video stays float32)")
+    p.add_argument("--diversity", type=_at_least(2), metavar="N",
+                   help=f"N distinct optima per channel (2 to {MAX_DIVERSITY}), pushed apart by a diversity term on "
+                   "the layer's activations: writes {model}_{layer}_{channel}_stage1_div{i}.gif for i = 0..N-1 and "
+                   "{model}_{layer}_stage1_div.npz (videos (K, N, T, H, W, 3), objective (K, N), cosine (K, N, N))")
+    p.add_argument("--diversity-weight", type=float, metavar="W",
+                   help="with --diversity: weight of the optima's mean pairwise cosine against their mean objective "
+                   f"(default {diversity.DEFAULT_WEIGHT:g}, measured on MotionNet in docs/diversity.md; 0: independent "
+                   "optima)")
     _add_processes(p)
     p.set_defaults(run=_run_maximize)
 
@@ -333,6 +344,10 @@ def _run_maximize(args) -> int:
         shape = tuple(config.shape or model.input_shape)
         config = maximization.preset(config, magnitude=_clip_magnitude(args.magnitude_from, shape))
     key = jax.random.PRNGKey(args.seed)
+    if args.diversity is None and args.diversity_weight is not None:
+        raise ValueError("--diversity-weight weighs the diversity term of --diversity N; add --diversity")
+    if args.diversity is not None:
+        return _run_diverse(args, out, model, params, channels, config, key, show, lambda: bar)
     result = maximize(model, params, args.layer, channels, config=config, key=key,
                       batch_size=args.batch_size, callback=show, compute_dtype=jnp.dtype(args.dtype))
     if bar is not None:
@@ -353,6 +368,43 @@ def _run_maximize(args) -> int:
         channels=result.channels, model=model.name, layer=args.layer, **extra,
     )
     print(f"{len(videos)} kernels of {model.name} {args.layer}: mean objective {objective.mean():.4g}; "
+          f"GIFs and {npz.name} in {args.out}")
+    return 0
+
+
+def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> int:
+    """`kv3d maximize --diversity N`: N optima per channel (:func:`kv3d_jax.diversity.maximize_diverse`),
+    one GIF per optimum and one ``.npz`` (MACO attribution maps too, per optimum)."""
+    if args.diversity > MAX_DIVERSITY:
+        raise ValueError(f"--diversity takes 2 to {MAX_DIVERSITY} optima per channel, got {args.diversity}")
+    weight = diversity.DEFAULT_WEIGHT if args.diversity_weight is None else args.diversity_weight
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"--diversity-weight takes a finite number of at least 0, got {quote(weight)}")
+    result = diversity.maximize_diverse(model, params, args.layer, channels, args.diversity, config=config,
+                                        weight=weight, key=key, batch_size=args.batch_size,
+                                        callback=show, compute_dtype=jnp.dtype(args.dtype))
+    if bar() is not None:
+        bar().close()
+    videos, objective = np.asarray(result.videos), np.asarray(result.objective)
+    for channel, optima in zip(result.channels, videos):
+        stem = writers.kernel_stem(model.name, args.layer, int(channel))
+        for i, video in enumerate(optima):
+            writers.save_gif(output_path(out, f"{stem}_stage1_div{i}.gif"), video)
+    extra = {}
+    if args.parameterization == "maco" and len(videos):
+        targets = np.repeat(np.asarray(result.channels, np.int32), args.diversity)
+        maps = maximization.attribution(model, params, args.layer, config, videos.reshape(-1, *videos.shape[2:]),
+                                        targets, jax.random.fold_in(key, 1), compute_dtype=jnp.dtype(args.dtype))
+        extra["attribution"] = np.asarray(maps).reshape(*videos.shape[:2], *maps.shape[1:])
+    part = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
+    npz = writers.save_npz(
+        output_path(out, f"{model.name}_{args.layer}_stage1_div{part}.npz"), videos=videos, objective=objective,
+        cosine=np.asarray(result.cosine), channels=result.channels, model=model.name, layer=args.layer,
+        diversity_weight=weight, **extra,
+    )
+    off = np.asarray(result.cosine)[:, ~np.eye(args.diversity, dtype=bool)]
+    print(f"{len(videos)} kernels x {args.diversity} optima of {model.name} {args.layer}: mean objective "
+          f"{objective.mean():.4g}, mean pairwise cosine {off.mean() if off.size else float('nan'):.3g}; "
           f"GIFs and {npz.name} in {args.out}")
     return 0
 

@@ -366,6 +366,46 @@ def channel_ids(channels, num: int, layer: str) -> np.ndarray:
     return ids
 
 
+def checked_targets(model: VideoModel, params: Params, layer: str, config: Config, channels, weights):
+    """Checks a stage-1 request and returns ``(shape, ids, target, linear)``: the optimised clip's
+    ``(T, H, W)``, the kernels' ids ``(K,)``, their targets (channel indices ``(K,)`` int32, or
+    weights ``(K, C)`` for ``objective="weighted"``) and whether the objective is linear in the
+    input (SPEC §5), warning when it is (the warning names the line that called the stage)."""
+    parameterization_of(config)
+    objectives.get(config.objective)
+    if config.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {config.steps}")
+    shape = tuple(config.shape or model.input_shape)
+    num = check_reachable(model, params, layer, config, shape)
+    # A shape the parameterization cannot represent (an odd width, a magnitude of another size) is
+    # refused here in one line, not from inside the compiled batch.
+    jax.eval_shape(lambda k: parameterization_of(config).init(k, shape), jax.random.PRNGKey(0))
+    if config.parameterization == "maco":
+        parameterizations.maco_magnitude(shape, None if config.magnitude is None else config.magnitude.array,
+                                         tuple(config.maco_exponents), config.maco_contrast)
+    if config.objective == "weighted":
+        if weights is None or channels is not None:
+            raise ValueError("objective='weighted' needs weights (K, C) and no channels")
+        target = jnp.asarray(weights, jnp.float32)
+        if target.ndim != 2 or target.shape[1] != num:
+            raise ValueError(f"weights must have shape (K, {num}) for {layer}, got {target.shape}")
+        ids = np.arange(target.shape[0])
+    else:
+        if weights is not None:
+            raise ValueError(f"weights are only used by objective='weighted', not {config.objective!r}")
+        ids = channel_ids(channels, num, layer)
+        target = jnp.asarray(ids, jnp.int32)
+
+    linear = layer in model.linear_layers and not config.rectify
+    if linear and config.objective in objectives.SPATIAL_MEANS:
+        warnings.warn(
+            f"the {config.objective} objective on {model.name} {layer} is linear in the input, so its optimum "
+            "is a flat colour; use rectify=True (tap after the ReLU) or objective='neuron'",
+            stacklevel=3,
+        )
+    return shape, ids, target, linear
+
+
 def maximize(
     model: VideoModel,
     params: Params,
@@ -416,38 +456,7 @@ def maximize(
       in the input, whose optimum is a flat colour (SPEC §5).
     """
     config = get_preset(config) if isinstance(config, str) else config
-    parameterization_of(config)
-    objectives.get(config.objective)
-    if config.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {config.steps}")
-    shape = tuple(config.shape or model.input_shape)
-    num = check_reachable(model, params, layer, config, shape)
-    # A shape the parameterization cannot represent (an odd width, a magnitude of another size) is
-    # refused here in one line, not from inside the compiled batch.
-    jax.eval_shape(lambda k: parameterization_of(config).init(k, shape), jax.random.PRNGKey(0))
-    if config.parameterization == "maco":
-        parameterizations.maco_magnitude(shape, None if config.magnitude is None else config.magnitude.array,
-                                         tuple(config.maco_exponents), config.maco_contrast)
-    if config.objective == "weighted":
-        if weights is None or channels is not None:
-            raise ValueError("objective='weighted' needs weights (K, C) and no channels")
-        target = jnp.asarray(weights, jnp.float32)
-        if target.ndim != 2 or target.shape[1] != num:
-            raise ValueError(f"weights must have shape (K, {num}) for {layer}, got {target.shape}")
-        ids = np.arange(target.shape[0])
-    else:
-        if weights is not None:
-            raise ValueError(f"weights are only used by objective='weighted', not {config.objective!r}")
-        ids = channel_ids(channels, num, layer)
-        target = jnp.asarray(ids, jnp.int32)
-
-    linear = layer in model.linear_layers and not config.rectify
-    if linear and config.objective in objectives.SPATIAL_MEANS:
-        warnings.warn(
-            f"the {config.objective} objective on {model.name} {layer} is linear in the input, so its optimum "
-            "is a flat colour; use rectify=True (tap after the ReLU) or objective='neuron'",
-            stacklevel=2,
-        )
+    shape, ids, target, linear = checked_targets(model, params, layer, config, channels, weights)
     result = runner.run(problem(model, layer, config, shape, jnp.dtype(compute_dtype)), params, target, ids,
                         config.steps, chunk=config.chunk, key=key, mesh=mesh, memory_budget=memory_budget,
                         batch_size=batch_size, compute_dtype=compute_dtype, callback=callback, per_device=per_device,

@@ -1,0 +1,79 @@
+"""Measures diverse optima (kv3d_jax.diversity) on one layer at several weights (docs/diversity.md).
+
+For each diversity weight and activation pattern, N optima of each channel are optimised with the
+same preset, steps and seed; the script prints, as JSON, the off-diagonal pairwise cosine of the
+optima's activation patterns (max and mean over kernels), each optimum's objective over the best of
+its kernel's N (min and mean), the same over the best plain (weight 0) optimum of the channel, and
+whether issue #25's acceptance holds for every kernel (max cosine <= 0.5, every optimum >= 80 % of
+the best of its N).
+
+    .venv/bin/python scripts/measure_diversity.py --layer conv3 --channels 0-7 --n 4 --weights 0,0.3,1,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from kv3d_jax import diversity, maximization, pipeline, zoo
+
+
+def summary(result: diversity.DiverseResult, plain_best: np.ndarray | None) -> dict:
+    """The cosines and objective ratios of ``result`` (see the module doc); the ratio to the plain
+    optimum only when ``plain_best`` ``(K,)`` is known (weight 0 among the weights)."""
+    n = result.cosine.shape[-1]
+    off = np.asarray(result.cosine)[:, ~np.eye(n, dtype=bool)]
+    objective = np.asarray(result.objective)
+    of_best = objective / objective.max(axis=1, keepdims=True)
+    kernel_ok = (off.max(axis=1) <= 0.5) & (of_best.min(axis=1) >= 0.8)
+    return {"cosine_max": float(off.max()), "cosine_mean": float(off.mean()),
+            "cosine_max_per_kernel": off.max(axis=1).round(3).tolist(),
+            "of_best_min": float(of_best.min()), "of_best_mean": float(of_best.mean()),
+            "of_best_min_per_kernel": of_best.min(axis=1).round(3).tolist(),
+            "of_plain_best_mean": None if plain_best is None else float((objective / plain_best[:, None]).mean()),
+            "objective_mean": float(objective.mean()),
+            "kernels_meeting": int(kernel_ok.sum()), "failed": int(result.failed.sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="motionnet")
+    parser.add_argument("--layer", default="conv3")
+    parser.add_argument("--channels", default="0-7")
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--preset", default="native")
+    parser.add_argument("--steps", type=int, help="default: the preset's")
+    parser.add_argument("--weights", default="0,0.3,1,3")
+    parser.add_argument("--patterns", default="gram,flat")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    model, params = zoo.load(args.model)
+    channels = pipeline.parse_channels(args.channels, model.num_channels(params, args.layer), args.layer)
+    config = maximization.preset(args.preset, **({} if args.steps is None else {"steps": args.steps}))
+    key = jax.random.PRNGKey(args.seed)
+    report = {"model": args.model, "layer": args.layer, "channels": [int(c) for c in channels], "n": args.n,
+              "steps": config.steps, "preset": args.preset, "device": str(jax.devices()[0]), "runs": {}}
+    plain_best = None
+    for pattern in args.patterns.split(","):
+        for weight in map(float, args.weights.split(",")):
+            if weight == 0 and plain_best is not None:
+                continue
+            start = time.perf_counter()
+            result = diversity.maximize_diverse(model, params, args.layer, channels, args.n, config=config,
+                                                weight=weight, pattern=pattern, key=key)
+            jax.block_until_ready(result.videos)
+            if weight == 0:
+                plain_best = np.asarray(result.objective).max(axis=1)
+            name = "weight 0" if weight == 0 else f"{pattern} weight {weight:g}"
+            report["runs"][name] = {**summary(result, plain_best), "seconds": round(time.perf_counter() - start, 1)}
+            print(name, json.dumps(report["runs"][name]), flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

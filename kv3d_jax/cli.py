@@ -29,7 +29,7 @@ from PIL import Image
 import converters
 from kv3d_jax import agreement, decomposition, distribute, diversity, maximization, models, parameterizations
 from kv3d_jax import params_io, pipeline
-from kv3d_jax import job, runner, spectrum, transforms, tuning, writers, zoo
+from kv3d_jax import job, runner, slowfast, spectrum, transforms, tuning, writers, zoo
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import PRESETS, maximize
 from kv3d_jax.motion import motion_summary
@@ -59,6 +59,8 @@ _MAX_GIF_BLOCKS = 2**20
 _MAX_NPZ_MEMBERS, _MAX_NPZ_DIRECTORY = 64, 1 << 16
 # `kv3d tuning`: the most directions, phases and gratings (directions x SFs x TFs x phases) it shows.
 MAX_DIRECTIONS, MAX_PHASES, MAX_GRATINGS = 360, 64, 20_000
+# `kv3d tuning --slowfast`: stage-1 steps per penalty weight by default.
+SLOWFAST_STEPS = 200
 # --memory-budget: the most GiB per device kv3d accepts (a petabyte).
 _MAX_MEMORY_GIB = 2.0**20
 
@@ -451,6 +453,17 @@ def _add_tuning(sub) -> None:
                    help="temporal frequencies, cycles/frame (default 0.05 0.1 0.2)")
     p.add_argument("--phases", type=_at_least(1), default=4,
                    help=f"grating phases averaged, at most {MAX_PHASES} (default 4)")
+    p.add_argument("--slowfast", action="store_true",
+                   help="also optimise each direction-selective channel under growing temporal-variation "
+                   "penalties (Feichtenhofer et al.) and print its slow/fast index (the fraction of its objective "
+                   "kept under the strongest penalty; high = slow) beside its grating-preferred TF, whether the two "
+                   "agree in sign (fast = index below the median = preferred TF above the median) and the share "
+                   "that agree; needs positive --tf")
+    p.add_argument("--slowfast-steps", type=_at_least(1), default=SLOWFAST_STEPS,
+                   help=f"stage-1 steps per penalty weight, native preset (default {SLOWFAST_STEPS})")
+    p.add_argument("--slowfast-weights", type=float, nargs="+", default=list(slowfast.WEIGHTS), metavar="WEIGHT",
+                   help="penalty weights, 1/TV units, from 0 and increasing (default "
+                   f"{' '.join(map(str, slowfast.WEIGHTS))})")
     p.set_defaults(run=_run_tuning)
 
 
@@ -465,6 +478,14 @@ def _run_tuning(args) -> int:
         if not all(math.isfinite(v) and -1 <= v <= 1 for v in values):
             raise ValueError(f"{flag} takes frequencies from -1 to 1 cycles per px or frame, got "
                              f"{quote(list(values))}")
+    if args.slowfast:
+        if not all(v > 0 for v in args.tf):
+            raise ValueError(f"--slowfast reads a preferred TF from positive --tf values, got {quote(list(args.tf))}")
+        weights = args.slowfast_weights
+        if (len(weights) < 2 or weights[0] != 0 or not all(math.isfinite(w) for w in weights)
+                or any(b <= a for a, b in zip(weights, weights[1:]))):
+            raise ValueError(f"--slowfast-weights must start at 0 and increase, at least two of them, got "
+                             f"{quote(list(weights))}")
     gratings = args.directions * len(args.sf) * len(args.tf) * args.phases
     if gratings > MAX_GRATINGS:
         raise ValueError(f"{gratings:,} gratings (directions x --sf x --tf x phases) are more than the "
@@ -492,7 +513,41 @@ def _run_tuning(args) -> int:
     print(f"{selective.sum()} of {len(selective)} channels of {model.name} {args.layer} are direction-selective "
           f"(DSI >= {tuning.DS_THRESHOLD} and a peak response of at least {tuning.PEAK_FRACTION:.0%} of the "
           f"layer's strongest); polar plots in {png}")
+    if args.slowfast:
+        _print_slowfast(model, params, args, responses, result, selective)
     return 0
+
+
+def _print_slowfast(model, params, args, responses, result, selective) -> None:
+    """Measures and prints ``kv3d tuning --slowfast``'s table for the direction-selective channels."""
+    tf = slowfast.preferred_tf(responses, args.tf, result)
+    channels = np.flatnonzero(selective)
+    if channels.size == 0:
+        print("slow/fast: no direction-selective channel to measure")
+        return
+    config = maximization.preset("native", steps=args.slowfast_steps)
+    bar = None
+
+    def show(done, total, objective):
+        nonlocal bar
+        bar = bar or ProgressBar(total, label=f"slow/fast {model.name} {args.layer}")
+        bar.update(done, objective=objective)
+
+    measured = slowfast.measure(model, params, args.layer, channels, config=config, weights=args.slowfast_weights,
+                                callback=show)
+    if bar is not None:
+        bar.close()
+    index = np.full(selective.size, np.nan)
+    index[measured.channels] = measured.index
+    agreement = slowfast.agreement(index, tf, selective)
+    print("channel  preferred_tf  slowfast_index  agree")
+    for c in measured.channels:
+        verdict = ("yes" if agreement.agree[c] else "no") if agreement.compared[c] else "-"
+        print(f"{c:7d}  {tf[c]:12.4f}  {index[c]:14.3f}  {verdict}")
+    compared = int(agreement.compared.sum())
+    print(f"slow/fast index and grating TF preference agree in sign (fast = index below its median = preferred "
+          f"TF above its median) on {int(agreement.agree[agreement.compared].sum())} of {compared} compared "
+          f"channels ({agreement.share:.0%})")
 
 
 _OUTPUT_KINDS = tuple(f"_{kind}" for kind in writers.DECOMPOSITION_FILES if kind != "stage1")

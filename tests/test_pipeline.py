@@ -45,11 +45,11 @@ def _sweep(out, channels="all", job=JOB, chunk=None) -> tuple[Path, str]:
 
 def _kernels(out) -> dict[int, dict]:
     folder = Path(out) / "kernels" / "b"
-    return {int(p.stem): dict(np.load(p)) for p in sorted(folder.glob("*.npz"))}
+    return {int(p.stem): dict(np.load(p)) for p in sorted(folder.glob("[0-9]*.npz"))}
 
 
 def _stats(out) -> dict[int, tuple[int, int]]:
-    return {int(p.stem): (p.stat().st_ino, p.stat().st_mtime_ns) for p in (Path(out) / "kernels" / "b").glob("*.npz")}
+    return {int(p.stem): (p.stat().st_ino, p.stat().st_mtime_ns) for p in (Path(out) / "kernels" / "b").glob("[0-9]*.npz")}
 
 
 def _assert_same_kernels(a: dict, b: dict) -> None:
@@ -300,7 +300,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_kernels(tmp_path, refer
     try:
         # Only a guard against a hung sweep: on a loaded 2-core machine its start alone took over 120 s.
         deadline = time.monotonic() + 600
-        while not (folder.is_dir() and any(folder.glob("*.npz"))):
+        while not (folder.is_dir() and any(folder.glob("[0-9]*.npz"))):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the sweep wrote no kernel within 600 s"
             time.sleep(0.01)

@@ -92,7 +92,7 @@ def test_a_run_killed_on_two_processes_resumes_on_one_to_the_same_files(single, 
     procs = _start(out, 2)
     try:
         deadline = time.monotonic() + 600
-        while not (kernels.is_dir() and any(kernels.glob("*.npz"))):
+        while not (kernels.is_dir() and any(kernels.glob("[0-9]*.npz"))):
             assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the run wrote no kernel within 600 s"
             time.sleep(0.01)
@@ -108,14 +108,14 @@ def test_a_run_killed_on_two_processes_resumes_on_one_to_the_same_files(single, 
         for p in procs:
             p.kill()
             p.communicate()
-    survivors = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kernels.glob("*.npz")}
+    survivors = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kernels.glob("[0-9]*.npz")}
     assert 1 <= len(survivors) < 8, f"the kill came too late to test anything: {sorted(survivors)}"
     assert not (out / "index.html").exists()
 
     _finish(_start(out, 1))
     # Finished kernels were kept as they were; the rest computed again; every file as one process made it.
     assert {name: survivors[name] for name in survivors} == {
-        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kernels.glob("*.npz") if p.name in survivors}
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kernels.glob("[0-9]*.npz") if p.name in survivors}
     _assert_same_folder(single, out)
 
 

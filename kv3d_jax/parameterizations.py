@@ -66,17 +66,21 @@ def _spectrum_scale(t: int, h: int, w: int, decay_power: float) -> np.ndarray:
     return (scale * np.sqrt(t * h * w)).astype(np.float32)[..., None]
 
 
+def _check_even_width(w: int, name: str) -> None:
+    """Raises ValueError unless ``w`` (px) is even: a spectral parameterization recovers the width of
+    its rfft grid as ``2 * (W//2+1 - 1)``."""
+    if w % 2:
+        raise ValueError(f"the {name} parameterization needs an even width, got W={w}; "
+                         "use an even width or parameterization='pixel'")
+
+
 def fourier_init(key: jax.Array, shape: tuple[int, int, int], sd: float = 0.01) -> jax.Array:
     """A spectral parameter ``(T, H, W//2+1, 3, 2)`` (real, imaginary parts) from ``N(0, sd²)``.
 
     The width must be even: ``to_video`` recovers it as ``2 * (W//2+1 - 1)``.
     """
     t, h, w = shape
-    if w % 2:
-        raise ValueError(
-            f"the Fourier parameterization needs an even width, got W={w}; "
-            "use an even width or parameterization='pixel'"
-        )
+    _check_even_width(w, "Fourier")
     return sd * jax.random.normal(key, (t, h, w // 2 + 1, 3, 2), jnp.float32)
 
 
@@ -100,11 +104,7 @@ def maco_init(key: jax.Array, shape: tuple[int, int, int], sd: float = 1.0) -> j
     The width must be even: ``to_video`` recovers it as ``2 * (W//2+1 - 1)``.
     """
     t, h, w = shape
-    if w % 2:
-        raise ValueError(
-            f"the MACO parameterization needs an even width, got W={w}; "
-            "use an even width or parameterization='pixel'"
-        )
+    _check_even_width(w, "MACO")
     return sd * jax.random.normal(key, (t, h, w // 2 + 1, 3), jnp.float32)
 
 

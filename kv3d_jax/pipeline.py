@@ -419,7 +419,8 @@ def visualize(model, params, job: Job, layers: Sequence[str], channels: str = "a
         # none writes before all have listed them: they all derive the same plan.
         distribute.barrier("kv3d visualize: run folder checked")
         store = store or Store.join(out, config, checksum)
-        pending = {layer: [c for c in wanted[layer] if c not in store.finished(layer)] for layer in layers}
+        finished = {layer: store.finished(layer) for layer in layers}
+        pending = {layer: [c for c in wanted[layer] if c not in finished[layer]] for layer in layers}
         distribute.barrier("kv3d visualize: finished kernels listed")
         for layer in layers:
             if not pending[layer] and first:

@@ -75,12 +75,19 @@ def test_a_valid_checkpoint_converts_in_the_same_harness(tmp_path, kv3d_runner):
 
 
 def test_the_harness_measures_each_child_alone(tmp_path, kv3d_runner):
-    """A child's peak memory and CPU are its own: 400 MB touched and about 0.3 s of work show as such,
-    and the next child, which does nothing, starts again from the baseline."""
-    grow = "import time\nblock = bytearray(400 << 20)\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    """A child's peak memory and CPU are its own: 400 MB touched and 0.3 s of work after it show as
+    such, and the next child, which does nothing, starts again from the baseline.
+
+    Touching 400 MB costs page faults whose CPU time grows with the machine's memory pressure (0.2 s
+    idle, 4 s seen under a loaded CI run), so the child reports that cost itself and the bound is
+    on the rest."""
+    grow = ("import time\nstart = time.process_time()\nblock = bytearray(400 << 20)\n"
+            "print(time.process_time() - start)\n"
+            "end = time.process_time() + 0.3\nwhile time.process_time() < end: pass")
     big = kv3d_runner.run([], tmp_path, tmp_path / "big", code=grow)
     idle = kv3d_runner.run([], tmp_path, tmp_path / "idle", code="pass")
     assert big.status == 0 and idle.status == 0, big.stderr + idle.stderr
     assert 390 < big.extra_mb < 450, big.extra_mb
-    assert 0.3 <= big.cpu_seconds < 1.0, big.cpu_seconds
+    work = big.cpu_seconds - float(big.stdout)
+    assert 0.3 <= work < 0.5, (big.cpu_seconds, big.stdout)
     assert idle.extra_mb < 20 and idle.cpu_seconds < 0.1, idle

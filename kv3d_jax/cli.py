@@ -362,7 +362,7 @@ def _run_maximize(args) -> int:
     if args.parameterization == "maco" and len(videos):
         targets = np.asarray(result.channels, np.int32)
         extra["attribution"] = np.asarray(maximization.attribution(
-            model, params, args.layer, config, videos, targets, jax.random.fold_in(key, 1),
+            model, params, args.layer, config, videos, targets, runner.kernel_keys(jax.random.fold_in(key, 1), targets),
             compute_dtype=jnp.dtype(args.dtype)))
     part = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
     npz = writers.save_npz(
@@ -395,8 +395,10 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
     extra = {}
     if args.parameterization == "maco" and len(videos):
         targets = np.repeat(np.asarray(result.channels, np.int32), args.diversity)
+        optimum = np.arange(len(targets)) % args.diversity
+        keys = runner.kernel_keys(jax.random.fold_in(key, 1), args.diversity * targets + optimum)
         maps = maximization.attribution(model, params, args.layer, config, videos.reshape(-1, *videos.shape[2:]),
-                                        targets, jax.random.fold_in(key, 1), compute_dtype=jnp.dtype(args.dtype))
+                                        targets, keys, compute_dtype=jnp.dtype(args.dtype))
         extra["attribution"] = np.asarray(maps).reshape(*videos.shape[:2], *maps.shape[1:])
     part = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
     npz = writers.save_npz(

@@ -30,12 +30,14 @@ from matplotlib.figure import Figure
 from kv3d_jax.files import write_atomically
 
 # What a kernel card shows, in order: media kind -> caption. The refined kinds exist only for a
-# run with the refinement (stage 3); a card shows the kinds its kernel has.
+# run with the refinement (stage 3), the attribution only for a MACO run; a card shows the kinds
+# its kernel has.
 MEDIA = {
     "stage1": "optimal video",
     "static": "static texture",
     "motion": "motion",
     "recon": "reconstruction",
+    "attribution": "attribution",
     "refined_video": "refined video",
     "refined_static": "refined static",
     "refined_motion": "refined motion",

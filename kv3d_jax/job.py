@@ -62,7 +62,9 @@ class Job:
       media: the format of the moving pictures (:data:`kv3d_jax.record.MEDIA`).
       parameterization: how stage 1 represents a video (:data:`kv3d_jax.parameterizations.PARAMETERIZATIONS`:
         ``pixel``, ``fourier`` or ``maco``, the phase of a spectrum whose magnitude follows the
-        natural-video law, :mod:`kv3d_jax.spectrum`).
+        natural-video law, :mod:`kv3d_jax.spectrum`). With ``maco`` the refinement's texture is a
+        MACO phase too (:attr:`kv3d_jax.refinement.Config.texture`) and every kernel gets an
+        attribution map (:attr:`kv3d_jax.record.KernelRecord.attribution`).
     """
 
     model: str
@@ -136,7 +138,8 @@ class Job:
         if not self.refine_steps:
             return None
         return refinement.Config(motion=self.refine_motion, steps=self.refine_steps,
-                                 preset=maximization.preset(self.preset, rectify=self.rectified(model, layer)))
+                                 preset=maximization.preset(self.preset, rectify=self.rectified(model, layer)),
+                                 texture="maco" if self.parameterization == "maco" else "pixel")
 
     def video_shape(self, model) -> tuple[int, int, int]:
         """The ``(T, H, W)`` of the optimised videos: the preset's, else the model's input size."""
@@ -144,7 +147,8 @@ class Job:
 
     def record(self, model) -> KernelRecord:
         """What is stored and drawn for each kernel of this job on ``model``."""
-        return KernelRecord(self.video_shape(model), self.refine_steps > 0, self.media)
+        return KernelRecord(self.video_shape(model), self.refine_steps > 0, self.media,
+                            attribution=self.parameterization == "maco")
 
     def config(self, model) -> dict:
         """What ``run.json`` records: every field, the video shape and, for a model built with

@@ -304,7 +304,7 @@ def attribution(
     config: Config,
     videos: jax.Array,
     targets: jax.Array,
-    key: jax.Array,
+    keys: jax.Array,
     samples: int = 8,
     noise: float = 0.05,
     kernel_batch: int = 8,
@@ -317,7 +317,8 @@ def attribution(
     unit of pixel value. Each copy adds Gaussian noise of standard deviation ``noise`` (MACO adds
     noise of 0.05 to its crops) and draws a jitter as stage 1's steps do (``config``'s shifts and
     scales); ``targets`` are the kernels' targets (channel indices ``(K,)`` or weights ``(K, C)``)
-    and ``key`` the PRNG key. MACO accumulates the same absolute gradient over its optimisation
+    and ``keys`` ``(K,)`` their PRNG keys (a kernel's map depends on its own key, video and target
+    alone; with ``kernel_batch=1`` bit for bit, whatever the kernels beside it). MACO accumulates the same absolute gradient over its optimisation
     steps; taking it at the final video, as SmoothGrad does, needs no change to the optimisation
     state and costs ``samples`` gradients per kernel. Kernels run ``kernel_batch`` at a time.
     """
@@ -344,7 +345,7 @@ def attribution(
         return jax.lax.map(lambda x: one(model_params, *x), (videos, targets, keys), batch_size=kernel_batch)
 
     videos = jnp.asarray(videos, jnp.float32)
-    return run(params, videos, jnp.asarray(targets), jax.random.split(key, videos.shape[0]))
+    return run(params, videos, jnp.asarray(targets), jnp.asarray(keys))
 
 
 def check_reachable(model: VideoModel, params: Params, layer: str, config: Config, shape) -> int:

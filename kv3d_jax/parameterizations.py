@@ -8,7 +8,8 @@ can never leave [0, 1]. ``pixel`` and ``fourier`` describe every frame freely;
 ``maco`` (Fel et al. 2023) fixes the video's amplitude spectrum and optimises its phase;
 ``static_displacement`` is SPEC §3's model, one static image warped by a displacement per
 frame; ``static_velocity`` is the same model with each pixel's displacement moving at a
-constant velocity (:mod:`kv3d_jax.refine` optimises either).
+constant velocity (:mod:`kv3d_jax.refine` optimises either); their ``maco_`` twins represent the
+static image by the phase of a spectrum with the natural-image amplitude (:func:`maco_texture`).
 """
 
 from __future__ import annotations
@@ -160,16 +161,19 @@ def maco_magnitude(shape: tuple[int, int, int], magnitude: np.ndarray | None = N
     return (contrast * amplitude / np.sqrt(energy / 3.0)).astype(np.float32)
 
 
-def maco_colours(phase: jax.Array, magnitude: np.ndarray, width: int) -> jax.Array:
+def maco_colours(phase: jax.Array, magnitude: np.ndarray, width: int, standardize: bool = True) -> jax.Array:
     """The pre-sigmoid, decorrelated video ``(T, H, W, 3)`` of a MACO phase ``(T, H, W//2+1, 3)``.
 
     As in MACO, the phase is standardised over all its values (mean 0, standard deviation 1, so
-    Adam's step size means the same whatever the phase has drifted to), made odd where the rfft
-    grid needs it (:func:`hermitian_phase`) and combined with the fixed ``magnitude``
-    (:func:`maco_magnitude`); ``rfftn`` of the result has amplitude exactly ``magnitude``.
+    Adam's step size means the same whatever the phase has drifted to; ``standardize=False`` takes
+    it as it is), made odd where the rfft grid needs it (:func:`hermitian_phase`) and combined with
+    the fixed ``magnitude`` (:func:`maco_magnitude`); ``rfftn`` of the result has amplitude exactly
+    ``magnitude``.
     """
     t, h = phase.shape[:2]
-    phase = (phase - jnp.mean(phase)) / (jnp.std(phase) + 1e-5)
+    phase = jnp.asarray(phase)
+    if standardize:
+        phase = (phase - jnp.mean(phase)) / (jnp.std(phase) + 1e-5)
     phase = hermitian_phase(phase, width)
     magnitude = jnp.asarray(magnitude)
     coefficients = jax.lax.complex(magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
@@ -195,6 +199,26 @@ def maco(magnitude: np.ndarray | None = None, exponents: tuple[float, float] = s
         return to_valid_rgb(maco_colours(phase, maco_magnitude((t, h, w), magnitude, exponents, contrast), w))
 
     return Parameterization(maco_init, to_video)
+
+
+def maco_texture(phase: jax.Array) -> jax.Array:
+    """The pre-sigmoid, decorrelated texture ``(H, W, 3)`` of a phase ``(H, W//2+1, 3)`` (radians, the width
+    even): a still image whose 2D amplitude spectrum is fixed to the natural-image law ``1/f_s``
+    (:func:`maco_magnitude` of a one-frame video, root mean square 1).
+
+    Unlike :func:`maco`'s video, the phase is used as it is, not standardised, so that every image's
+    phase can be represented: a refinement (stage 3) starts from stage 2's texture with its phase
+    kept and its amplitude replaced by the law's (:func:`maco_texture_phase`).
+    """
+    h, wf = phase.shape[:2]
+    w = 2 * (wf - 1)
+    return maco_colours(phase[None], maco_magnitude((1, h, w)), w, standardize=False)[0]
+
+
+def maco_texture_phase(colours: jax.Array) -> jax.Array:
+    """The phase ``(..., H, W//2+1, 3)`` (radians) of textures given as pre-sigmoid, decorrelated
+    colours ``(..., H, W, 3)``: where :func:`maco_texture` keeps their structure."""
+    return jnp.angle(jnp.fft.rfft2(jnp.asarray(colours, jnp.float32), axes=(-3, -2)))
 
 
 def static_displacement_init(key: jax.Array, shape: tuple[int, int, int], sd: float = 0.01) -> dict:
@@ -246,13 +270,41 @@ def static_velocity_to_video(param: dict) -> jax.Array:
     return warp(to_valid_rgb(param["static"]), constant_velocity(param["displacement"]))
 
 
+def maco_static_displacement_init(key: jax.Array, shape: tuple[int, int, int], sd: float = 0.01) -> dict:
+    """A texture-plus-motion parameter whose texture is a :func:`maco_texture` phase: ``{"static": (H, W//2+1, 3)``
+    radians uniform in [-π, π), ``"displacement": (T, H, W, 2)`` px from ``N(0, sd²)````}``; even width."""
+    t, h, w = shape
+    _check_even_width(w, "MACO texture")
+    ks, kd = jax.random.split(key)
+    return {
+        "static": jax.random.uniform(ks, (h, w // 2 + 1, 3), jnp.float32, -np.pi, np.pi),
+        "displacement": sd * jax.random.normal(kd, (t, h, w, 2), jnp.float32),
+    }
+
+
+def maco_static_displacement_to_video(param: dict) -> jax.Array:
+    """``V_t = warp(I, D_t)`` with ``I = to_valid_rgb(maco_texture(static))``: ``(T, H, W, 3)`` in [0, 1]."""
+    return warp(to_valid_rgb(maco_texture(param["static"])), param["displacement"])
+
+
+def maco_static_velocity_to_video(param: dict) -> jax.Array:
+    """``V_t = warp(I, constant_velocity(D)_t)`` with the MACO texture ``I`` of
+    :func:`maco_static_displacement_to_video`: ``(T, H, W, 3)`` in [0, 1]."""
+    return warp(to_valid_rgb(maco_texture(param["static"])), constant_velocity(param["displacement"]))
+
+
 PARAMETERIZATIONS: dict[str, Parameterization] = {
     "pixel": Parameterization(pixel_init, pixel_to_video),
     "fourier": Parameterization(fourier_init, fourier_to_video),
     "maco": maco(),
     "static_displacement": Parameterization(static_displacement_init, static_displacement_to_video),
     "static_velocity": Parameterization(static_displacement_init, static_velocity_to_video),
+    "maco_static_displacement": Parameterization(maco_static_displacement_init, maco_static_displacement_to_video),
+    "maco_static_velocity": Parameterization(maco_static_displacement_init, maco_static_velocity_to_video),
 }
+# How a texture-plus-motion parameter's ``"static"`` becomes pre-sigmoid, decorrelated colours
+# ``(H, W, 3)``: per pixel (``"pixel"``) or a MACO phase (``"maco"``, :func:`maco_texture`).
+TEXTURES = {"pixel": lambda static: static, "maco": maco_texture}
 
 
 def get(name: str) -> Parameterization:

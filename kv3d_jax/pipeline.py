@@ -109,7 +109,8 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
     ``progress(stage, done, total)`` is called as steps finish. A record's ``failed`` is 0, or
     the number of the first stage whose result for the kernel is not finite; its trust fields
     come from :func:`kv3d_jax.motion.motion_summary` with stage 1's objective against random
-    videos drawn with ``fold_in(layer key, 4)``.
+    videos drawn with ``fold_in(layer key, 4)``. A record with attribution maps gets each
+    kernel's from ``fold_in(fold_in(layer key, 5), channel)``.
     """
     key = layer_key(job.seed, layer)
     common = dict(per_device=job.batch, compute_dtype=jnp.dtype(job.dtype))
@@ -138,6 +139,13 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
         "reliability": summary.reliability, "reliable": summary.reliable, "aliased": summary.aliased,
         "dead": reliability.dead(peak, gain), "gain": gain, "explained": summary.explained,
     }
+    record = job.record(model)
+    if record.attribution:
+        # One kernel at a time (kernel_batch=1), so that a map does not depend on its batch-mates.
+        arrays["attribution"] = maximization.attribution(
+            model, params, layer, config, stage1.videos, targets,
+            runner.kernel_keys(jax.random.fold_in(key, 5), targets),
+            kernel_batch=1, compute_dtype=common["compute_dtype"])
     stage3 = job.stage3(model, layer)
     if stage3 is not None:
         refined = refine(model, params, layer, dec, channels, config=stage3, key=jax.random.fold_in(key, 3),
@@ -148,7 +156,7 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
                       refined_displacement=refined.displacement, refined_objective=refined.objective,
                       refined_direction_deg=motion.direction_deg, refined_speed=motion.speed)
     arrays["failed"] = failed
-    arrays = job.record(model).stored(arrays)
+    arrays = record.stored(arrays)
     return {c: {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
 
 
@@ -168,6 +176,9 @@ def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapp
     valid = np.asarray(_read_out_support(arrays["static"], arrays["displacement"]))
     written = writers.save_decomposition(folder, stem, arrays["video"], arrays["static"], arrays["displacement"],
                                          record.reconstruction(arrays), valid=valid, media=record.media)
+    if record.attribution:
+        written.update(writers.save_attribution(folder, stem, arrays["video"], arrays["attribution"],
+                                                media=record.media))
     if record.refined:
         valid = np.asarray(_read_out_support(arrays["refined_static"], arrays["refined_displacement"]))
         written.update(writers.save_refinement(folder, stem, arrays["refined_video"], arrays["refined_static"],

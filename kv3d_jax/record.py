@@ -41,15 +41,19 @@ class KernelRecord:
       shape: ``(T, H, W)`` of the optimised videos.
       refined: whether the run has stage 3, whose arrays and pictures are added.
       media: the format of the moving pictures (:data:`MEDIA`).
+      attribution: whether each kernel has an attribution map of its stage-1 video
+        (``"attribution"`` ``(T, H, W)``, objective units per unit of pixel value,
+        :func:`kv3d_jax.maximization.attribution`) and the video drawn through it.
     """
 
     shape: tuple[int, int, int]
     refined: bool = False
     media: str = MEDIA[0]
+    attribution: bool = False
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name → (shape, dtype) of every array stored for a kernel: :data:`HALF` float16, the rest
-        float32. Stage 2's reconstruction is not stored: it is ``warp(static, displacement)``
+        float32 (an attribution map too: its gradients can exceed float16's range). Stage 2's reconstruction is not stored: it is ``warp(static, displacement)``
         (:meth:`reconstruction`)."""
         t, h, w = self.shape
         shapes = {
@@ -60,6 +64,8 @@ class KernelRecord:
         }
         if self.refined:
             shapes.update({f"refined_{name}": shapes[name] for name in REFINED})
+        if self.attribution:
+            shapes["attribution"] = (t, h, w)
         return {name: (shape, "float16" if name in HALF else "float32") for name, shape in shapes.items()}
 
     def stored(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -72,9 +78,11 @@ class KernelRecord:
         return np.asarray(_warp(np.asarray(arrays["static"], np.float32), np.asarray(arrays["displacement"], np.float32)))
 
     def kinds(self) -> tuple[str, ...]:
-        """The kinds of picture drawn for a kernel (:data:`kv3d_jax.writers.DECOMPOSITION_FILES`, and
-        :data:`kv3d_jax.writers.REFINEMENT_FILES` for a refined run)."""
-        return writers.DECOMPOSITION_FILES + (writers.REFINEMENT_FILES if self.refined else ())
+        """The kinds of picture drawn for a kernel (:data:`kv3d_jax.writers.DECOMPOSITION_FILES`,
+        :data:`kv3d_jax.writers.REFINEMENT_FILES` for a refined run and
+        :data:`kv3d_jax.writers.ATTRIBUTION_FILES` for one with attribution maps)."""
+        return (writers.DECOMPOSITION_FILES + (writers.REFINEMENT_FILES if self.refined else ())
+                + (writers.ATTRIBUTION_FILES if self.attribution else ()))
 
     def files(self, model: str, layer: str, channel: int) -> dict[str, str]:
         """Kind → file name of every picture of kernel ``(layer, channel)`` of ``model``."""

@@ -88,6 +88,12 @@ class Config:
         ``"neuron"``), ``rectify`` and, when starting from noise, video shape; its steps,
         chunk and parameterization are not used.
       chunk: at most this many steps per compiled call (progress is reported between chunks).
+      texture: how the texture ``I`` is represented
+        (:data:`kv3d_jax.parameterizations.TEXTURES`): ``"pixel"``, decorrelated colours per
+        pixel, or ``"maco"``, the phase of a spectrum whose amplitude is fixed to the
+        natural-image law (:func:`kv3d_jax.parameterizations.maco_texture`; even widths only),
+        which starts from a decomposition's texture with its phase kept and its amplitude
+        replaced.
     """
 
     lambda_d: float = 1e-3
@@ -97,6 +103,13 @@ class Config:
     steps: int = DEFAULT_STEPS
     preset: str | maximization.Config = "paper"
     chunk: int = 50
+    texture: str = "pixel"
+
+    @property
+    def parameterization(self) -> str:
+        """The name of the parameterization whose videos this refinement optimises."""
+        name = MOTIONS[self.motion].parameterization
+        return name if self.texture == "pixel" else f"{self.texture}_{name}"
 
     @property
     def stage1(self) -> maximization.Config:
@@ -142,7 +155,7 @@ class Refinement:
 
 def penalty(param: dict, config: Config = Config()) -> jax.Array:
     """``λ_D TV(D) + λ_I TV(I)`` of one parameter (SPEC §3's regularisers), ``D`` as ``config.motion`` uses it."""
-    return config.lambda_d * _tv_displacement(param, config) + config.lambda_i * _tv_static(param)
+    return config.lambda_d * _tv_displacement(param, config) + config.lambda_i * _tv_static(param, config)
 
 
 def used_displacement(param: dict, config: Config = Config()) -> jax.Array:
@@ -154,17 +167,25 @@ def _tv_displacement(param: dict, config: Config) -> jax.Array:
     return total_variation(used_displacement(param, config), (0, 1, 2))
 
 
-def _tv_static(param: dict) -> jax.Array:
-    return total_variation(parameterizations.to_valid_rgb(param["static"]), (0, 1))
+def texture(param: dict, config: Config = Config()) -> jax.Array:
+    """The texture ``I`` ``(H, W, 3)`` in [0, 1] (before min–max normalisation) of one parameter."""
+    return parameterizations.to_valid_rgb(parameterizations.TEXTURES[config.texture](param["static"]))
+
+
+def _tv_static(param: dict, config: Config) -> jax.Array:
+    return total_variation(texture(param, config), (0, 1))
 
 
 def from_decomposition(decomposition: Decomposition, config: Config = Config()) -> dict:
-    """The ``"static_displacement"`` parameters ``(K, ...)`` whose video is ``decomposition``'s
-    reconstruction, up to the affine map of the static onto ``config.start_range``."""
+    """The parameters ``(K, ...)`` of ``config.parameterization`` whose video is ``decomposition``'s
+    reconstruction, up to the affine map of the static onto ``config.start_range``; a MACO
+    texture keeps the static's phase and takes the natural-image amplitude."""
     lo, hi = config.start_range
     static = lo + (hi - lo) * jnp.clip(jnp.asarray(decomposition.static, jnp.float32), 0.0, 1.0)
     logits = jnp.log(static) - jnp.log1p(-static)
     colours = logits @ jnp.linalg.inv(jnp.asarray(parameterizations.COLOR_DECORRELATION).T)
+    if config.texture == "maco":
+        colours = parameterizations.maco_texture_phase(colours)
     return {"static": colours, "displacement": jnp.asarray(decomposition.displacement, jnp.float32)}
 
 
@@ -179,7 +200,7 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
     (T, H, W, 3), objective (), terms {name: ()})`` and, with ``from_start``, the PSNR ``()``.
     """
     stage1 = config.stage1
-    parameterization = MOTIONS[config.motion].parameterization
+    parameterization = config.parameterization
     to_video = parameterizations.get(parameterization).to_video
     value_fn = objective_value(model, layer, stage1.objective, stage1.rectify, compute_dtype)
     mean, std = mean_std(model, stage1)
@@ -191,10 +212,10 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
         value = value_fn(model_params, model_input(to_video(state.param), None, stage1.resize, mean, std),
                          state.target)
         terms = {"objective": value, "tv_displacement": _tv_displacement(state.param, config),
-                 "tv_static": _tv_static(state.param)}
+                 "tv_static": _tv_static(state.param, config)}
         terms["total"] = penalty(state.param, config) - value
         displacement = used_displacement(state.param, config)
-        static = minmax_normalize(parameterizations.to_valid_rgb(state.param["static"])[None])[0]
+        static = minmax_normalize(texture(state.param, config)[None])[0]
         return static, displacement, warp(static, displacement), value, terms
 
     step = kernel_step(model, layer, stage1, parameterization, functools.partial(penalty, config=config),
@@ -281,6 +302,9 @@ def refine(
     objectives.get(stage1.objective)
     if config.motion not in MOTIONS:
         raise ValueError(f"unknown motion {config.motion!r}; valid motions are: {', '.join(MOTIONS)}")
+    if config.texture not in parameterizations.TEXTURES:
+        raise ValueError(f"unknown texture {config.texture!r}; valid textures are: "
+                         + ", ".join(parameterizations.TEXTURES))
     if config.steps < 1:
         raise ValueError(f"steps must be at least 1, got {config.steps}")
     ids = maximization.channel_ids(channels, model.num_channels(params, model.check_layer(layer)), layer)
@@ -307,4 +331,4 @@ def refine(
 
 
 __all__ = ["Config", "DEFAULT_STEPS", "MOTIONS", "Motion", "Refinement", "from_decomposition", "penalty", "problem",
-           "refine", "used_displacement"]
+           "refine", "texture", "used_displacement"]

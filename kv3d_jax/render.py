@@ -123,6 +123,23 @@ def panel(video, static, velocity, reconstruction, max_speed: float | None = Non
     return with_legend(np.concatenate(parts, axis=2), min(h, max(8, min(h, w) // 2)))
 
 
+def transparency(video, attribution, quantile: float = 0.99, background: float = 1.0) -> np.ndarray:
+    """``video`` ``(T, H, W, 3)`` seen through its attribution map ``(T, H, W)``: ``(T, H, W, 3)`` in [0, 1].
+
+    As MACO draws its "transparency" figures, each pixel's opacity is its attribution over the
+    map's ``quantile`` (clipped to [0, 1]; the quantile rather than the maximum, so that a few
+    extreme gradients do not make the rest transparent), over a ``background`` grey level (white).
+    """
+    video = np.asarray(video, np.float32)
+    attribution = np.asarray(attribution, np.float32)
+    if attribution.shape != video.shape[:-1]:
+        raise ValueError(f"an attribution map {attribution.shape} does not fit a video {video.shape}: need (T, H, W)")
+    scale = float(np.quantile(attribution, quantile))
+    alpha = np.clip(attribution / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(attribution)
+    return alpha[..., None] * video + (1.0 - alpha[..., None]) * np.float32(background)
+
+
 __all__ = [
-    "colour_wheel", "default_max_speed", "deform_frames", "motion_colours", "panel", "smooth_velocity", "with_legend",
+    "colour_wheel", "default_max_speed", "deform_frames", "motion_colours", "panel", "smooth_velocity",
+    "transparency", "with_legend",
 ]

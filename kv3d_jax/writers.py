@@ -156,20 +156,21 @@ def save_png(path, image) -> Path:
 
 DECOMPOSITION_FILES = ("stage1", "static", "deform", "motion", "recon", "panel")
 REFINEMENT_FILES = ("refined_video", "refined_static", "refined_deform", "refined_motion")
+ATTRIBUTION_FILES = ("attribution",)
 # The kinds that are still images, written as PNG whatever the media of the moving ones.
 STILL_FILES = ("static", "refined_static")
 
 
 def media_file(stem: str, kind: str, media: str) -> str:
     """The file name of one kernel's picture of ``kind`` (:data:`DECOMPOSITION_FILES`,
-    :data:`REFINEMENT_FILES`) when its moving pictures are written as ``media`` (:data:`MEDIA`):
+    :data:`REFINEMENT_FILES`, :data:`ATTRIBUTION_FILES`) when its moving pictures are written as ``media`` (:data:`MEDIA`):
     ``{stem}_{kind}.png`` for a still image (:data:`STILL_FILES`), else ``{stem}_{kind}.{media}``,
     e.g. ``media_file("m_conv1_3", "motion", "mp4") == "m_conv1_3_motion.mp4"``."""
     if media not in MEDIA:
         raise ValueError(f"media must be one of {', '.join(MEDIA)}; got {media!r}")
-    if kind not in DECOMPOSITION_FILES + REFINEMENT_FILES:
-        raise ValueError(f"no picture of kind {kind!r}; the kinds are "
-                         + ", ".join(DECOMPOSITION_FILES + REFINEMENT_FILES))
+    kinds = DECOMPOSITION_FILES + REFINEMENT_FILES + ATTRIBUTION_FILES
+    if kind not in kinds:
+        raise ValueError(f"no picture of kind {kind!r}; the kinds are " + ", ".join(kinds))
     return f"{stem}_{kind}.{'png' if kind in STILL_FILES else media}"
 
 
@@ -247,3 +248,13 @@ def save_refinement(out_dir, stem: str, video, static, displacement, valid=None,
                                      render.deform_frames(static, velocity, max_speed, valid), fps),
         "refined_motion": save_video(paths["refined_motion"], render.with_legend(colours), fps),
     }
+
+
+def save_attribution(out_dir, stem: str, video, attribution, fps: float = 8.0, media: str = "gif") -> dict[str, Path]:
+    """Writes one kernel's video seen through its attribution map (:func:`kv3d_jax.render.transparency`)
+    as ``out_dir/{stem}_attribution.{media}``: ``video`` ``(T, H, W, 3)`` in [0, 1], ``attribution``
+    ``(T, H, W)`` (MACO's accumulated input gradients, :func:`kv3d_jax.maximization.attribution`).
+    Returns ``{"attribution": path}``."""
+    paths = _paths(out_dir, stem, ATTRIBUTION_FILES, media)
+    return {"attribution": save_video(paths["attribution"], render.transparency(video, attribution), fps)}
+

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from kv3d_jax import maximization, parameterizations, spectrum, writers
+from kv3d_jax import maximization, parameterizations, runner, spectrum, writers
 from kv3d_jax.cli import main
 from kv3d_jax.maximization import maximize, preset
 from tiny_model import tiny
@@ -38,6 +38,20 @@ def test_to_video_gradient_matches_finite_differences():
     # float32 FFTs limit the agreement to about 1e-3.
     check_grads(lambda p: jnp.sum(MACO.to_video(p) * weights), (phase,), order=1, modes=["rev"], eps=1e-2,
                 atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["maco_static_displacement", "maco_static_velocity"])
+def test_a_maco_texture_video_gradient_matches_finite_differences(name):
+    parameterization = parameterizations.PARAMETERIZATIONS[name]
+    param = parameterization.init(jax.random.PRNGKey(5), SHAPE)
+    assert param["static"].shape == (8, 5, 3) and param["displacement"].shape == (*SHAPE, 2)
+    displacement = param["displacement"] + jax.random.normal(jax.random.PRNGKey(6), (*SHAPE, 2))
+    weights = jax.random.normal(jax.random.PRNGKey(7), (*SHAPE, 3))
+    # The phase only: the warp's gradient in the displacement is checked against grid_sample in
+    # test_refine (finite differences would step across its bilinear kinks).
+    video = lambda phase: parameterization.to_video({"static": phase, "displacement": displacement})
+    check_grads(lambda phase: jnp.sum(video(phase) * weights), (param["static"],), order=1, modes=["rev"],
+                eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("shape", [SHAPE, (5, 6, 10)])
@@ -142,7 +156,7 @@ def test_attribution_is_zero_outside_the_receptive_field_of_a_neuron(tiny_model)
     config = preset("native", objective="neuron", rectify=False, max_shift=(1, 1, 1), scales=(1.0,))
     videos = jax.random.uniform(jax.random.PRNGKey(8), (2, *SHAPE, 3))
     maps = np.asarray(maximization.attribution(model, params, "b", config, videos, np.array([0, 3]),
-                                               jax.random.PRNGKey(9), samples=2))
+                                               runner.kernel_keys(jax.random.PRNGKey(9), [0, 3]), samples=2))
     assert maps.shape == (2, *SHAPE) and np.all(maps >= 0)
     inside = np.zeros(SHAPE, bool)
     inside[1:, 2:7, 2:7] = True

@@ -91,6 +91,8 @@ def test_a_job_fills_in_the_default_job_and_the_presets_and_reads_back_from_its_
     assert JOB.stage2() == decomposition.Config(steps=4) and JOB.stage3(TINY, "b") is None
     maco = dataclasses.replace(JOB, parameterization="maco")
     assert maco.stage1(TINY, "b").parameterization == "maco" and "maco parameterization" in maco.describe(TINY, "b")
+    assert dataclasses.replace(maco, refine_steps=2).stage3(TINY, "b").texture == "maco"
+    assert maco.record(TINY).attribution and not JOB.record(TINY).attribution
     with pytest.raises(ValueError, match="unknown parameterization 'static_velocity'; valid ones are: pixel, fourier"):
         dataclasses.replace(JOB, parameterization="static_velocity")
 
@@ -324,3 +326,18 @@ def test_a_killed_sweep_resumes_without_redoing_finished_kernels(tmp_path, refer
 
 if __name__ == "__main__":
     pipeline.visualize(TINY, TINY_PARAMS, JOB, ["b"], "all", sys.argv[1])
+
+
+def test_a_maco_sweep_stores_and_draws_each_kernels_attribution_map_independently_of_its_batch(tmp_path):
+    maco = dataclasses.replace(JOB, parameterization="maco")
+    _sweep(tmp_path / "pair", "2,5", job=maco)
+    _sweep(tmp_path / "alone", "5", job=maco)
+    pair, alone = _kernels(tmp_path / "pair"), _kernels(tmp_path / "alone")
+    for record in pair.values():
+        assert record["attribution"].shape == (6, 16, 16) and record["attribution"].dtype == np.float32
+        assert np.all(record["attribution"] >= 0) and record["attribution"].sum() > 0
+    assert not np.array_equal(pair[2]["attribution"], pair[5]["attribution"])
+    _assert_same_kernels({5: pair[5]}, alone)
+    picture = tmp_path / "pair" / "b" / "tiny_b_5_attribution.gif"
+    assert picture.is_file()
+    assert 'src="b/tiny_b_5_attribution.gif"' in (tmp_path / "pair" / "b.html").read_text()

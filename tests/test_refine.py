@@ -155,6 +155,34 @@ def test_the_start_reproduces_the_decomposition():
     np.testing.assert_allclose(np.asarray(video), lo + (hi - lo) * np.asarray(dec.reconstruction), atol=1e-5, rtol=0)
 
 
+def test_a_maco_texture_keeps_the_decompositions_phase_and_takes_the_natural_amplitude():
+    dec = _translating(2)
+    start = from_decomposition(dec, Config(texture="maco"))
+    assert start["static"].shape == (2, 16, 9, 3)
+    spectrum = np.fft.rfft2(np.asarray(jax.vmap(parameterizations.maco_texture)(start["static"]), np.float64),
+                            axes=(1, 2))
+    magnitude = parameterizations.maco_magnitude((1, 16, 16))[0]
+    np.testing.assert_allclose(np.abs(spectrum), np.broadcast_to(magnitude, spectrum.shape), rtol=0,
+                               atol=1e-5 * magnitude.max())
+    # The phase is the decomposition's texture's, except on the four real coefficients (their sign
+    # is not a phase a spectrum with even amplitude can keep; the mean is removed).
+    pixel = np.fft.rfft2(np.asarray(from_decomposition(dec)["static"], np.float64), axes=(1, 2))
+    complex_ = np.ones((16, 9), bool)
+    complex_[np.ix_([0, 8], [0, 8])] = False
+    np.testing.assert_allclose(np.exp(1j * np.angle(spectrum))[:, complex_], np.exp(1j * np.angle(pixel))[:, complex_],
+                               atol=1e-4)
+    gradient = jax.grad(lambda q: parameterizations.maco_static_velocity_to_video(q)[:, :4].mean())
+    grads = gradient(jax.tree.map(lambda x: x[0], start))
+    assert float(jnp.abs(grads["static"]).max()) > 0 and float(jnp.abs(grads["displacement"]).max()) > 0
+
+
+@pytest.mark.slow
+def test_a_maco_texture_refinement_raises_the_objective():
+    run = lambda steps: refine(TINY, TINY_PARAMS, "b", _translating(2), [1, 4], batch_size=2,
+                               config=Config(texture="maco", steps=steps, preset=SMALL_PRESET, chunk=2))
+    assert np.all(np.asarray(run(8).objective) > np.asarray(run(2).objective))
+
+
 @pytest.mark.slow
 def test_regularisers_smooth_the_static_and_the_motion():
     dec = _translating(2)
@@ -199,6 +227,9 @@ def test_refinement_reads_like_a_decomposition(tmp_path):
     (dict(decomposition=_translating(2).replace(static=jnp.zeros((2, 16, 14, 3)))), "do not match"),
     (dict(config=Config(preset=preset(SMALL_PRESET, objective="weighted"))), "one channel per kernel"),
     (dict(config=Config(motion="rigid", preset=SMALL_PRESET)), "unknown motion 'rigid'; valid motions are: constant, free"),
+    (dict(config=Config(texture="fourier", preset=SMALL_PRESET)), "unknown texture 'fourier'; valid textures are: pixel, maco"),
+    (dict(decomposition=_translating(2, (8, 16, 15)), config=Config(texture="maco", preset=SMALL_PRESET)),
+     "MACO texture parameterization needs an even width, got W=15"),
     (dict(config=Config(steps=0, preset=SMALL_PRESET)), "steps must be at least 1"),
     (dict(config=Config(preset="fast")), "valid presets are: paper, native"),
     (dict(config=SMALL_PRESET), "config must be a kv3d_jax.refinement.Config"),

@@ -487,6 +487,10 @@ def layer_page(
                 'over random videos or no positive activation, so there is nothing '
                 'to see; “failed in stage N” = that stage\'s result turned non-finite; “speed ambiguous” = the '
                 'speed cannot be told from its temporal alias).</p>')
+    if any("attribution" in view.media for view in kernels):
+        body.append('<p>Attribution (MACO): the optimal video seen through its attribution map, opaque where '
+                    'the objective draws on the video (|∂objective/∂pixel| summed over 8 noisy, jittered '
+                    'copies), fading to white where it does not.</p>')
     body.append(controls)
     body.append('<div id="kernels">' + "\n".join(_kernel_card(v) for v in kernels) + "</div>")
     return _page(title, "\n".join(body), _LAYER_JS)

@@ -340,4 +340,5 @@ def test_a_maco_sweep_stores_and_draws_each_kernels_attribution_map_independentl
     _assert_same_kernels({5: pair[5]}, alone)
     picture = tmp_path / "pair" / "b" / "tiny_b_5_attribution.gif"
     assert picture.is_file()
-    assert 'src="b/tiny_b_5_attribution.gif"' in (tmp_path / "pair" / "b.html").read_text()
+    page = (tmp_path / "pair" / "b.html").read_text()
+    assert 'src="b/tiny_b_5_attribution.gif"' in page and "Attribution (MACO)" in page

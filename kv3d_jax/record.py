@@ -41,11 +41,14 @@ class KernelRecord:
       shape: ``(T, H, W)`` of the optimised videos.
       refined: whether the run has stage 3, whose arrays and pictures are added.
       media: the format of the moving pictures (:data:`MEDIA`).
+      slowfast: whether the run computes each kernel's slow/fast index, stored as ``slowness``
+        (float32 ``()``, dimensionless, high = slow; NaN where it does not apply, :mod:`kv3d_jax.slowfast`).
     """
 
     shape: tuple[int, int, int]
     refined: bool = False
     media: str = MEDIA[0]
+    slowfast: bool = False
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name → (shape, dtype) of every array stored for a kernel: :data:`HALF` float16, the rest
@@ -60,6 +63,8 @@ class KernelRecord:
         }
         if self.refined:
             shapes.update({f"refined_{name}": shapes[name] for name in REFINED})
+        if self.slowfast:
+            shapes["slowness"] = ()
         return {name: (shape, "float16" if name in HALF else "float32") for name, shape in shapes.items()}
 
     def stored(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,6 +95,7 @@ class KernelRecord:
             speed=float(arrays["speed"]), psnr=float(arrays["psnr"]), media=dict(files),
             reliability=float(arrays["reliability"]), reliable=bool(arrays["reliable"]), dead=bool(arrays["dead"]),
             aliased=bool(arrays["aliased"]), failed=int(arrays["failed"]), name=name,
+            slowness=float(arrays["slowness"]) if self.slowfast else float("nan"),
         )
 
 

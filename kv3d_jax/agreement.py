@@ -6,7 +6,9 @@ least 0.3 and a peak response at least a fraction of the layer's strongest,
 channel prefers (:mod:`kv3d_jax.tuning`) beside the dominant direction of the motion in its
 optimal video (stage 2's read-out), or of its refinement's motion (stage 3, for a run made
 with ``--refine``); with the median difference over all of them and over the ones whose
-kernel record counts as reliable (:mod:`kv3d_jax.reliability`) and the rest.
+kernel record counts as reliable (:mod:`kv3d_jax.reliability`) and the rest. For a run made with
+``--slowfast``, also each one's slow/fast index beside the temporal frequency it prefers among
+gratings, and how often the two agree in sign (:func:`kv3d_jax.slowfast.agreement`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kv3d_jax import tuning, zoo
+from kv3d_jax import slowfast, tuning, zoo
 from kv3d_jax.job import Job
 from kv3d_jax.store import RUN_FILE, Store, StoreError, params_checksum
 
@@ -51,11 +53,14 @@ def _records(store: Store, model, layer: str, job: Job) -> dict[int, dict]:
 
 
 def layer_agreement(model, params, layer: str, stage2: dict[int, float], reliable: dict[int, bool] | None = None,
-                    min_peak: float = tuning.PEAK_FRACTION) -> tuple[list, float]:
+                    min_peak: float = tuning.PEAK_FRACTION,
+                    slowness: dict[int, float] | None = None) -> tuple[list, float]:
     """Rows of :func:`kv3d_jax.tuning.agreement_table` for the direction-selective channels of
     ``layer`` among those in ``stage2`` (:func:`kv3d_jax.tuning.direction_selective` with
     ``min_peak``, the peak measured against all of the layer's channels), each marked with
-    ``reliable[channel]``, and their median angular difference (degrees; NaN when none).
+    ``reliable[channel]`` and, given ``slowness`` (channel → slow/fast index), with it and the
+    channel's grating-preferred TF (:func:`kv3d_jax.slowfast.grating_tf`); and their median angular
+    difference (degrees; NaN when none).
 
     Channels whose read-out found no direction (NaN) are left out.
     """
@@ -70,6 +75,10 @@ def layer_agreement(model, params, layer: str, stage2: dict[int, float], reliabl
     # agreement_table numbers rows by position; name the real channels.
     rows = [row._replace(channel=int(channels[row.channel]),
                          reliable=None if reliable is None else reliable[int(channels[row.channel])]) for row in rows]
+    if slowness is not None and rows:
+        tf = slowfast.grating_tf(model, params, layer, result.preferred_deg, channels)
+        rows = [row._replace(slowness=float(slowness[row.channel]), preferred_tf=float(tf[row.channel]))
+                for row in rows]
     return rows, medians[layer]
 
 
@@ -97,7 +106,8 @@ def report(run_dir, weights=None, layers: Sequence[str] | None = None, stage: st
                 continue
             layer_rows, medians[layer] = layer_agreement(
                 model, params, layer, {c: float(r[field]) for c, r in records.items()},
-                {c: bool(r["reliable"]) for c, r in records.items()}, min_peak)
+                {c: bool(r["reliable"]) for c, r in records.items()}, min_peak,
+                {c: float(r["slowness"]) for c, r in records.items()} if job.slowfast else None)
             rows += layer_rows
             compared += len(records)
     return rows, medians, compared
@@ -113,17 +123,40 @@ def split_medians(rows, layer: str) -> tuple[tuple[int, float], tuple[int, float
     return summary(mine), summary([r for r in mine if r.reliable]), summary([r for r in mine if not r.reliable])
 
 
+def _value(x: float) -> str:
+    return f"{x:.3f}" if np.isfinite(x) else "–"
+
+
+def slowfast_signs(rows, layer: str) -> tuple[int, int]:
+    """``(agree, compared)``: of ``layer``'s rows, how many are compared in sign by
+    :func:`kv3d_jax.slowfast.agreement` (slow/fast index and preferred TF both finite and off their
+    medians over these rows) and how many of those agree."""
+    mine = [r for r in rows if r.layer == layer]
+    signs = slowfast.agreement([r.slowness for r in mine], [r.preferred_tf for r in mine], [True] * len(mine))
+    return int(signs.agree[signs.compared].sum()), int(signs.compared.sum())
+
+
 def markdown(rows, medians: dict[str, float], stage: str = "stage2") -> str:
     """The per-layer summary (all direction-selective channels, the reliable ones, the others) and
-    the per-channel table as Markdown (``stage`` names the direction column)."""
+    the per-channel table as Markdown (``stage`` names the direction column); rows with a slow/fast
+    index add its columns and a per-layer count of signs that agree with the preferred TF's."""
     def cell(count, median):
         return f"{count} | {median:.1f}" if count else f"{count} | –"
     lines = ["| layer | DS channels | median difference (deg) | reliable | median (deg) | unreliable | median (deg) |",
              "|---|---|---|---|---|---|---|"]
     for layer in medians:
         lines.append(f"| {layer} | " + " | ".join(cell(*part) for part in split_medians(rows, layer)) + " |")
+    indexed = any(np.isfinite(r.slowness) for r in rows)
+    if indexed:
+        lines += ["", "| layer | slow/fast index and preferred TF agree in sign (fast = index below its median = TF "
+                  "above its median) |", "|---|---|"]
+        for layer in medians:
+            agree, compared = slowfast_signs(rows, layer)
+            lines.append(f"| {layer} | {agree} of {compared}" + (f" ({agree / compared:.0%})" if compared else "") + " |")
+    extra = (" slow/fast index | preferred TF (cycles/frame) |", "---|---|") if indexed else ("", "")
     lines += ["", f"| layer | channel | grating-preferred (deg) | DSI | {STAGES[stage][1]} (deg) | difference (deg) "
-              "| reliable |", "|---|---|---|---|---|---|---|"]
+              f"| reliable |{extra[0]}", f"|---|---|---|---|---|---|---|{extra[1]}"]
     lines += [f"| {r.layer} | {r.channel} | {r.grating_deg:.1f} | {r.dsi:.2f} | {r.stage2_deg:.1f} | {r.difference_deg:.1f} "
-              f"| {'–' if r.reliable is None else 'yes' if r.reliable else 'no'} |" for r in rows]
+              f"| {'–' if r.reliable is None else 'yes' if r.reliable else 'no'} |"
+              + (f" {_value(r.slowness)} | {_value(r.preferred_tf)} |" if indexed else "") for r in rows]
     return "\n".join(lines) + "\n"

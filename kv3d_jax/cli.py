@@ -59,8 +59,8 @@ _MAX_GIF_BLOCKS = 2**20
 _MAX_NPZ_MEMBERS, _MAX_NPZ_DIRECTORY = 64, 1 << 16
 # `kv3d tuning`: the most directions, phases and gratings (directions x SFs x TFs x phases) it shows.
 MAX_DIRECTIONS, MAX_PHASES, MAX_GRATINGS = 360, 64, 20_000
-# `kv3d tuning --slowfast`: stage-1 steps per penalty weight by default.
-SLOWFAST_STEPS = 200
+# `kv3d tuning --slowfast`: stage-1 steps per penalty weight by default (measured in docs/slowfast.md).
+SLOWFAST_STEPS = 400
 # --memory-budget: the most GiB per device kv3d accepts (a petabyte).
 _MAX_MEMORY_GIB = 2.0**20
 
@@ -168,6 +168,17 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
     return parse
+
+
+def _penalty_weight(text: str) -> float:
+    """``--slowfast LAMBDA``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid penalty weight {text[:40]!r}: write a number such as 3") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"the penalty weight must be a finite number of at least 0, got {text[:40]}")
+    return value
 
 
 def _output_file(path: str) -> Path:
@@ -456,11 +467,11 @@ def _add_tuning(sub) -> None:
     p.add_argument("--phases", type=_at_least(1), default=4,
                    help=f"grating phases averaged, at most {MAX_PHASES} (default 4)")
     p.add_argument("--slowfast", action="store_true",
-                   help="also optimise each direction-selective channel under growing temporal-variation "
-                   "penalties (Feichtenhofer et al.) and print its slow/fast index (the fraction of its objective "
-                   "kept under the strongest penalty; high = slow) beside its grating-preferred TF, whether the two "
-                   "agree in sign (fast = index below the median = preferred TF above the median) and the share "
-                   "that agree; needs positive --tf")
+                   help="also optimise each direction-selective channel under growing penalties on its video's "
+                   "temporal variation (Feichtenhofer et al.) and print its slow/fast index (the fraction of "
+                   "its objective kept under the strongest penalty; high = slow) beside its grating-preferred TF "
+                   "(at its preferred direction, on a finer grid of gratings), whether the two agree in sign (fast = "
+                   "index below the median = preferred TF above the median) and the share that agree")
     p.add_argument("--slowfast-steps", type=_at_least(1), default=SLOWFAST_STEPS,
                    help=f"stage-1 steps per penalty weight, native preset (default {SLOWFAST_STEPS})")
     p.add_argument("--slowfast-weights", type=float, nargs="+", default=list(slowfast.WEIGHTS), metavar="WEIGHT",
@@ -481,8 +492,6 @@ def _run_tuning(args) -> int:
             raise ValueError(f"{flag} takes frequencies from -1 to 1 cycles per px or frame, got "
                              f"{quote(list(values))}")
     if args.slowfast:
-        if not all(v > 0 for v in args.tf):
-            raise ValueError(f"--slowfast reads a preferred TF from positive --tf values, got {quote(list(args.tf))}")
         weights = args.slowfast_weights
         if (len(weights) < 2 or weights[0] != 0 or not all(math.isfinite(w) for w in weights)
                 or any(b <= a for a, b in zip(weights, weights[1:]))):
@@ -492,6 +501,11 @@ def _run_tuning(args) -> int:
     if gratings > MAX_GRATINGS:
         raise ValueError(f"{gratings:,} gratings (directions x --sf x --tf x phases) are more than the "
                          f"{MAX_GRATINGS:,} kv3d tuning shows; use fewer")
+    fine = args.directions * len(slowfast.SPATIAL_FREQS) * len(slowfast.TEMPORAL_FREQS) * args.phases
+    if args.slowfast and fine > MAX_GRATINGS:
+        raise ValueError(f"--slowfast reads preferred TFs from up to {fine:,} gratings (directions x "
+                         f"{len(slowfast.SPATIAL_FREQS) * len(slowfast.TEMPORAL_FREQS)} frequencies x phases), more "
+                         f"than the {MAX_GRATINGS:,} kv3d tuning shows; use fewer --directions or --phases")
     model, params = _load(args.model, args.weights)
     model.check_layer(args.layer)
     directions = np.arange(args.directions) * 360.0 / args.directions
@@ -516,17 +530,17 @@ def _run_tuning(args) -> int:
           f"(DSI >= {tuning.DS_THRESHOLD} and a peak response of at least {tuning.PEAK_FRACTION:.0%} of the "
           f"layer's strongest); polar plots in {png}")
     if args.slowfast:
-        _print_slowfast(model, params, args, responses, result, selective)
+        _print_slowfast(model, params, args, result, selective)
     return 0
 
 
-def _print_slowfast(model, params, args, responses, result, selective) -> None:
+def _print_slowfast(model, params, args, result, selective) -> None:
     """Measures and prints ``kv3d tuning --slowfast``'s table for the direction-selective channels."""
-    tf = slowfast.preferred_tf(responses, args.tf, result)
     channels = np.flatnonzero(selective)
     if channels.size == 0:
         print("slow/fast: no direction-selective channel to measure")
         return
+    tf = slowfast.grating_tf(model, params, args.layer, result.preferred_deg, channels, args.phases)
     config = maximization.preset("native", steps=args.slowfast_steps)
     bar = None
 
@@ -888,6 +902,11 @@ def _add_visualize(sub) -> None:
     p.add_argument("--refine-motion", choices=tuple(MOTIONS), default=RefineConfig.motion,
                    help=f"what stage 3's motion may be: constant (each pixel at a constant velocity, as in a "
                    f"drifting grating) or free (any displacement per frame); default {RefineConfig.motion}")
+    p.add_argument("--slowfast", type=_penalty_weight, nargs="?", const=slowfast.DEFAULT_WEIGHT, default=0.0,
+                   metavar="LAMBDA", help="add each kernel's slow/fast index: stage 1 again under a penalty "
+                   f"LAMBDA (default {slowfast.DEFAULT_WEIGHT:g}; 1/TV units) on the change between frames, and the "
+                   "fraction of the objective it keeps (high = slow; Feichtenhofer et al.; docs/slowfast.md), in "
+                   "each kernel record and the gallery; doubles stage 1's time; 0 (the default): off")
     p.add_argument("--dtype", default="float32", choices=job.DTYPES,
                    help="dtype the model computes in (default float32; optimised videos stay float32)")
     p.add_argument("--memory-budget", type=float, metavar="GIB",
@@ -904,7 +923,7 @@ def _run_visualize(args) -> int:
     the_job = job.Job.create(args.model, args.preset, args.steps, args.decompose_steps, seed=args.seed,
                              rectify=args.rectify, refine_steps=args.refine, refine_motion=args.refine_motion,
                              dtype=args.dtype, batch=args.batch, media=args.media,
-                             parameterization=args.parameterization)
+                             parameterization=args.parameterization, slowfast=args.slowfast)
     if not args.layer and args.layers is None and the_job.model != job.DEFAULT_MODEL:
         raise ValueError(f"choose layers of {the_job.model} with --layer L (repeatable) or --layers all; "
                          f"valid layers are: {', '.join(models.get(the_job.model).layers)}")

@@ -53,6 +53,8 @@ FIELDS = {
     "direction": "direction",
     "reliability": "reliability",
 }
+# Sortable fields a page offers only when one of its kernels has a value for them: data attribute -> label.
+OPTIONAL_FIELDS = {"slowness": "slow/fast index"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,8 @@ class KernelView:
       aliased: the speed cannot be told from its temporal alias (``speed`` is then NaN).
       failed: 0, or the stage (1, 2, 3) whose result turned non-finite.
       name: the channel's name (a classifier's class, ``VideoModel.names_of``), or ``""``.
+      slowness: the slow/fast index (:mod:`kv3d_jax.slowfast`; dimensionless, high = slow), NaN where the
+        run has none or it does not apply.
     """
 
     channel: int
@@ -87,13 +91,15 @@ class KernelView:
     aliased: bool = False
     failed: int = 0
     name: str = ""
+    slowness: float = math.nan
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerView:
     """One layer as the index shows it: its page and figures (caption -> path, relative to the
-    index), kernels ``done`` of ``total`` asked for, mean PSNR (dB), mean speed (px/frame), and how
-    many of the kernels are ``reliable`` and how many ``dead``."""
+    index), kernels ``done`` of ``total`` asked for, mean PSNR (dB), mean speed (px/frame), how
+    many of the kernels are ``reliable`` and how many ``dead``, and the median slow/fast index
+    (NaN for a run without it)."""
 
     layer: str
     page: str
@@ -104,6 +110,7 @@ class LayerView:
     mean_speed: float
     reliable: int = 0
     dead: int = 0
+    median_slowness: float = math.nan
 
 
 def save_figure(fig: Figure, path) -> Path:
@@ -432,7 +439,8 @@ def _kernel_card(view: KernelView) -> str:
         f'data-channel="{view.channel}" data-objective="{_attr(view.objective)}" '
         f'data-speed="{_attr(view.speed)}" data-psnr="{_attr(view.psnr)}" '
         f'data-direction="{_attr(view.direction_deg)}" data-reliability="{_attr(view.reliability)}" '
-        f'data-reliable="{int(view.reliable)}" data-dead="{int(view.dead)}" data-failed="{view.failed}"'
+        f'data-reliable="{int(view.reliable)}" data-dead="{int(view.dead)}" data-failed="{view.failed}" '
+        f'data-slowness="{_attr(view.slowness)}"'
     )
     classes = "kernel" + (" dead" if view.dead else "") + (" failed" if view.failed else "")
     speed = "speed ambiguous (aliased)" if view.aliased else f"{_number(view.speed)} px/frame"
@@ -441,7 +449,10 @@ def _kernel_card(view: KernelView) -> str:
         f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
         f'{f"<b>{html.escape(view.name)}</b>" if view.name else ""}{_badges(view)}'
         f"{_arrow(view.direction_deg)}<span>{_number(view.direction_deg, 4)}°</span>"
-        f"<span>{speed}</span><span>{_number(view.psnr)} dB</span>"
+        f"<span>{speed}</span>"
+        + (f'<span title="slow/fast index: the fraction of the objective kept under a temporal-variation '
+           f'penalty (high = slow)">slow/fast {view.slowness:.2f}</span>' if math.isfinite(view.slowness) else "")
+        + f"<span>{_number(view.psnr)} dB</span>"
         f"<span>objective {_number(view.objective)}</span>{links}</div></article>"
     )
 
@@ -453,8 +464,12 @@ def layer_page(
     notes: Sequence[str] = (),
     index: str | None = "index.html",
 ) -> str:
-    """The HTML of a layer page: ``figures`` (caption -> relative path), ``notes``, one card per kernel."""
-    sort_options = "".join(f'<option value="{k}">{v}</option>' for k, v in FIELDS.items())
+    """The HTML of a layer page: ``figures`` (caption -> relative path), ``notes``, one card per kernel.
+    The slow/fast index is shown and sortable only when some kernel has one."""
+    offered = {key: label for key, label in OPTIONAL_FIELDS.items()
+               if any(math.isfinite(getattr(v, key)) for v in kernels)}
+    fields, slowfast = {**FIELDS, **offered}, "slowness" in offered
+    sort_options = "".join(f'<option value="{k}">{v}</option>' for k, v in fields.items())
     controls = (
         '<form id="view" autocomplete="off">'
         f'<label>sort by <select name="sort">{sort_options}</select></label>'
@@ -486,7 +501,11 @@ def layer_page(
                 'translation explains, no temporal aliasing (green = reliable, amber = not; dead = no clear gain '
                 'over random videos or no positive activation, so there is nothing '
                 'to see; “failed in stage N” = that stage\'s result turned non-finite; “speed ambiguous” = the '
-                'speed cannot be told from its temporal alias).</p>')
+                'speed cannot be told from its temporal alias).'
+                + (' “slow/fast” = the fraction of the kernel\'s stage-1 objective that its optimum keeps under a '
+                   'penalty on change between frames (Feichtenhofer et al.): near 1 = slow, it needs little '
+                   'change over time; low = fast, it needs motion or flicker.' if slowfast else '')
+                + '</p>')
     if any("attribution" in view.media for view in kernels):
         body.append('<p>Attribution (MACO): the optimal video seen through its attribution map, opaque where '
                     'the objective draws on the video (|∂objective/∂pixel| summed over 8 noisy, jittered '
@@ -497,12 +516,15 @@ def layer_page(
 
 
 def index_page(title: str, layers: Sequence[LayerView], notes: Sequence[str] = ()) -> str:
-    """The HTML of the index: one row per layer with its counts, figures and a link to its page."""
+    """The HTML of the index: one row per layer with its counts, figures and a link to its page (and
+    its median slow/fast index, when some layer has one)."""
+    slowfast = any(math.isfinite(v.median_slowness) for v in layers)
     rows = "".join(
         f'<tr><td><a href="{html.escape(v.page)}">{html.escape(v.layer)}</a></td>'
         f"<td>{v.done} of {v.total}</td><td>{v.reliable} reliable, {v.dead} dead</td>"
         f"<td>{_number(v.mean_speed)} px/frame</td>"
-        f"<td>{_number(v.mean_psnr)} dB</td><td>"
+        + (f"<td>{_number(v.median_slowness, 2)}</td>" if slowfast else "")
+        + f"<td>{_number(v.mean_psnr)} dB</td><td>"
         + "".join(f'<a href="{html.escape(v.page)}"><img src="{html.escape(path)}" alt="{html.escape(caption)}" '
                   f'title="{html.escape(caption)}" height="120"></a>' for caption, path in v.figures.items())
         + "</td></tr>"
@@ -512,7 +534,8 @@ def index_page(title: str, layers: Sequence[LayerView], notes: Sequence[str] = (
         f"<h1>{html.escape(title)}</h1>"
         + "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
         + "<table><thead><tr><th>layer</th><th>kernels done</th><th>reliable</th><th>mean speed</th>"
-        f"<th>mean PSNR</th><th>figures</th></tr></thead><tbody>{rows}</tbody></table>"
+        + ("<th>median slow/fast index</th>" if slowfast else "")
+        + f"<th>mean PSNR</th><th>figures</th></tr></thead><tbody>{rows}</tbody></table>"
     )
     return _page(title, body)
 

@@ -36,6 +36,10 @@ STAGE1_PARAMETERIZATIONS = ("pixel", "fourier", "maco")
 # Kernels per device in one compiled batch: wide enough to keep a CPU's cores busy, small
 # enough that a MotionNet or C3D layer pads at most a few kernels.
 DEFAULT_BATCH = 8
+# Settings added after run folders were first written, with the value that means "not used": a
+# run.json records one only when it is used, and one that lacks it reads back as not using it, so
+# folders written before the setting existed open, resume and draw as they did.
+LATER_SETTINGS = {"slowfast": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,9 @@ class Job:
         natural-video law, :mod:`kv3d_jax.spectrum`). With ``maco`` the refinement's texture is a
         MACO phase too (:attr:`kv3d_jax.refinement.Config.texture`) and every kernel gets an
         attribution map (:attr:`kv3d_jax.record.KernelRecord.attribution`).
+      slowfast: the temporal-variation penalty weight λ (1/TV units, :mod:`kv3d_jax.slowfast`) of each
+        kernel's slow/fast index, its stage-1 objective under that penalty over its unpenalised one
+        (high = slow); 0 computes no index. The penalised run is a second stage 1 of ``steps`` steps.
     """
 
     model: str
@@ -80,6 +87,7 @@ class Job:
     batch: int = DEFAULT_BATCH
     media: str = MEDIA[0]
     parameterization: str = "pixel"
+    slowfast: float = LATER_SETTINGS["slowfast"]
 
     def __post_init__(self):
         get_preset(self.preset)
@@ -88,6 +96,10 @@ class Job:
                 raise ValueError(f"{name} must be an integer of at least 1, got {getattr(self, name)!r}")
         if not isinstance(self.refine_steps, numbers.Integral) or self.refine_steps < 0:
             raise ValueError(f"refine_steps must be at least 1 (or 0 for no refinement), got {self.refine_steps!r}")
+        if (not isinstance(self.slowfast, numbers.Real) or isinstance(self.slowfast, bool)
+                or not 0 <= self.slowfast < float("inf")):
+            raise ValueError(f"slowfast must be a penalty weight of at least 0 (0: no slow/fast index), got "
+                             f"{self.slowfast!r}")
         if not isinstance(self.seed, numbers.Integral) or not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
         for name, valid in (("refine_motion", MOTIONS), ("dtype", DTYPES), ("media", MEDIA),
@@ -114,10 +126,10 @@ class Job:
     def from_config(cls, config: Mapping[str, Any]) -> "Job":
         """The job a run folder's ``run.json`` ``config`` (:meth:`config`) records."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - set(config))
+        missing = sorted(fields - set(config) - set(LATER_SETTINGS))
         if missing:
             raise ValueError(f"the run record has no {', '.join(missing)}: it was written by another kv3d version")
-        return cls(**{name: config[name] for name in fields})
+        return cls(**{**LATER_SETTINGS, **{name: config[name] for name in fields if name in config}})
 
     def rectified(self, model, layer: str) -> bool:
         """Whether stage 1 maximises ``layer`` of ``model`` after a ReLU."""
@@ -148,12 +160,14 @@ class Job:
     def record(self, model) -> KernelRecord:
         """What is stored and drawn for each kernel of this job on ``model``."""
         return KernelRecord(self.video_shape(model), self.refine_steps > 0, self.media,
-                            attribution=self.parameterization == "maco")
+                            attribution=self.parameterization == "maco", slowfast=self.slowfast > 0)
 
     def config(self, model) -> dict:
-        """What ``run.json`` records: every field, the video shape and, for a model built with
-        hyper-parameters, its config (``model_config``)."""
-        config = {**dataclasses.asdict(self), "video_shape": self.video_shape(model)}
+        """What ``run.json`` records: every field (those of :data:`LATER_SETTINGS` only when used), the
+        video shape and, for a model built with hyper-parameters, its config (``model_config``)."""
+        fields = {name: value for name, value in dataclasses.asdict(self).items()
+                  if name not in LATER_SETTINGS or value != LATER_SETTINGS[name]}
+        config = {**fields, "video_shape": self.video_shape(model)}
         return {**config, "model_config": dict(model.config)} if model.config else config
 
     def describe(self, model, layer: str) -> str:
@@ -161,12 +175,17 @@ class Job:
         refined = f", {self.refine_steps} refinement steps ({self.refine_motion} motion)" if self.refine_steps else ""
         rectified = ", rectified" if self.rectified(model, layer) else ""
         rectified += f", {self.parameterization} parameterization" if self.parameterization != "pixel" else ""
+        slowfast = f", slow/fast index at λ = {self.slowfast:g}" if self.slowfast else ""
         return (f"{self.preset} preset{rectified}, {self.steps} stage-1 steps, {self.decompose_steps} "
-                f"decomposition steps{refined}, seed {self.seed}")
+                f"decomposition steps{refined}{slowfast}, seed {self.seed}")
+
+    def slowfast_steps(self) -> int:
+        """Steps of the penalised stage 1 of the slow/fast index: stage 1's, or 0 without the index."""
+        return self.steps if self.slowfast else 0
 
     def steps_per_kernel(self) -> int:
         """Optimisation steps every kernel goes through, all stages together."""
-        return self.steps + self.decompose_steps + self.refine_steps
+        return self.steps + self.decompose_steps + self.refine_steps + self.slowfast_steps()
 
 
 def layers(model, names=None, every: bool = False) -> tuple[str, ...]:

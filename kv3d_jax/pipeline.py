@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kv3d_jax import distribute, gallery, maximization, plan, reliability, runner, writers
+from kv3d_jax import distribute, gallery, maximization, plan, reliability, runner, slowfast, writers
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.job import Job
 from kv3d_jax.maximization import maximize
@@ -50,7 +50,8 @@ _BORDER = 2
 
 Log = Callable[[str], None]
 # progress(layer, done, total, stage): ``done`` of the ``total`` steps of this process's units of
-# ``layer`` (every unit's stage-1, stage-2 and stage-3 steps) are finished; ``stage`` is running.
+# ``layer`` (every unit's stage-1, stage-2, stage-3 and slow/fast steps) are finished; ``stage`` is
+# running (4: the penalised stage 1 of the slow/fast index).
 Progress = Callable[[str, int, int, int], None]
 
 
@@ -100,12 +101,15 @@ def layer_key(seed: int, layer: str) -> jax.Array:
 
 def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
                   progress=None) -> dict[int, dict[str, np.ndarray]]:
-    """Stage 1, stage 2, the motion read-out (and stage 3) of ``channels`` of ``layer``:
-    ``{channel: arrays}`` with the arrays of ``job.record(model).arrays()``.
+    """Stage 1, stage 2, the motion read-out (and stage 3, and the slow/fast index) of ``channels`` of
+    ``layer``: ``{channel: arrays}`` with the arrays of ``job.record(model).arrays()``.
 
     Stage 1 folds each channel into ``fold_in(layer key, 1)``; stage 2 gets
     ``fold_in(fold_in(layer key, 2), channel)`` per kernel; stage 3 starts from stage 2's
-    result with ``fold_in(layer key, 3)``. Every stage runs ``job.batch`` kernels per device.
+    result with ``fold_in(layer key, 3)``; the slow/fast index's penalised stage 1
+    (:func:`kv3d_jax.slowfast.penalised`, weight ``job.slowfast``) uses stage 1's keys, so each
+    kernel's penalised run is paired with its stage 1, whose objective is the index's unpenalised
+    one. Every stage runs ``job.batch`` kernels per device.
     ``progress(stage, done, total)`` is called as steps finish. A record's ``failed`` is 0, or
     the number of the first stage whose result for the kernel is not finite; its trust fields
     come from :func:`kv3d_jax.motion.motion_summary` with stage 1's objective against random
@@ -155,6 +159,12 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
         arrays.update(refined_video=refined.video, refined_static=refined.static,
                       refined_displacement=refined.displacement, refined_objective=refined.objective,
                       refined_direction_deg=motion.direction_deg, refined_speed=motion.speed)
+    if job.slowfast:
+        penalised, _, penalised_failed = slowfast.penalised(
+            model, params, layer, channels, job.slowfast, config=config, key=jax.random.fold_in(key, 1),
+            callback=report(4), **common)
+        arrays["slowness"] = slowfast.slowness(np.stack([np.asarray(stage1.objective), penalised], axis=1),
+                                               np.stack([np.asarray(stage1.failed), penalised_failed], axis=1))
     arrays["failed"] = failed
     arrays = record.stored(arrays)
     return {c: {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
@@ -191,7 +201,7 @@ def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapp
 def _stage_progress(layer: str, units: int, job: Job, progress: Progress) -> Callable:
     """``advance(unit_index)`` → the ``(stage, done, total)`` callback of :func:`compute_chunk` that
     reports on ``progress`` over all ``units`` units of ``layer``."""
-    lengths = (job.steps, job.decompose_steps, job.refine_steps)
+    lengths = (job.steps, job.decompose_steps, job.refine_steps, job.slowfast_steps())
     per_unit = sum(lengths)
 
     def advance(index: int):
@@ -204,11 +214,11 @@ def _stage_progress(layer: str, units: int, job: Job, progress: Progress) -> Cal
 
 
 def kernel_flops(model, params, job: Job, layers: Sequence[str]) -> dict[str, float]:
-    """Estimated FLOPs of one kernel of each of ``layers``: its stage-1 and stage-3 steps
+    """Estimated FLOPs of one kernel of each of ``layers``: its stage-1, stage-3 and slow/fast steps
     (:func:`kv3d_jax.plan.stage1_step_flops`); stage 2 does not touch the model and costs the
     same for every layer of a job."""
-    return {layer: (job.steps + job.refine_steps) * plan.stage1_step_flops(model, params, layer,
-                                                                          job.stage1(model, layer), job.dtype)
+    steps = job.steps + job.refine_steps + job.slowfast_steps()
+    return {layer: steps * plan.stage1_step_flops(model, params, layer, job.stage1(model, layer), job.dtype)
             for layer in layers}
 
 
@@ -239,7 +249,7 @@ def _duration(seconds: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class Speed:
     """What a process measured on its first units: seconds per FLOP of the stages that run the
-    model (1 and 3) and seconds per kernel of everything else (stage 2, the read-out, the pictures,
+    model (1, 3 and the slow/fast index's) and seconds per kernel of everything else (stage 2, the read-out, the pictures,
     the store), which costs the same for every layer of a job."""
 
     per_flop: float
@@ -267,7 +277,7 @@ def plan_table(model, job: Job, pending: Mapping[str, Sequence[int]], flops: Map
 
 
 class _Clock:
-    """Seconds spent in the stages that run the model (1 and 3) and in all, from the progress
+    """Seconds spent in the stages that run the model (1, 3 and 4, the slow/fast index's) and in all, from the progress
     callbacks of :func:`compute_chunk` (each chunk's time goes to the stage it reports)."""
 
     def __init__(self):
@@ -279,7 +289,7 @@ class _Clock:
 
     def tick(self, stage: int) -> None:
         now = time.perf_counter()
-        if stage in (1, 3):
+        if stage in (1, 3, 4):
             self.model += now - self.last
         self.last = now
 
@@ -336,10 +346,19 @@ def _process() -> str:
     return f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
 
 
-def _mean(values) -> float:
+def _finite(values) -> np.ndarray:
     values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
+    return values[np.isfinite(values)]
+
+
+def _mean(values) -> float:
+    values = _finite(values)
     return float(values.mean()) if values.size else float("nan")
+
+
+def _median(values) -> float:
+    values = _finite(values)
+    return float(np.median(values)) if values.size else float("nan")
 
 
 def build_layer_page(store: Store, model, layer: str, wanted: int, job: Job, out: Path) -> gallery.LayerView:
@@ -379,7 +398,8 @@ def build_layer_page(store: Store, model, layer: str, wanted: int, job: Job, out
                               gallery.layer_page(f"{title}: {job.describe(model, layer)}", kernels, figures, notes))
     return gallery.LayerView(layer=layer, page=page.name, figures=figures, done=len(done), total=max(wanted, len(done)),
                              mean_psnr=_mean([k.psnr for k in kernels]), mean_speed=_mean([k.speed for k in kernels]),
-                             reliable=sum(k.reliable for k in kernels), dead=sum(k.dead for k in kernels))
+                             reliable=sum(k.reliable for k in kernels), dead=sum(k.dead for k in kernels),
+                             median_slowness=_median([k.slowness for k in kernels]))
 
 
 def build_gallery(store: Store, model, job: Job, out, wanted: Mapping[str, int] | None = None) -> Path:

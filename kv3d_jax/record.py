@@ -44,17 +44,20 @@ class KernelRecord:
       attribution: whether each kernel has an attribution map of its stage-1 video
         (``"attribution"`` ``(T, H, W)``, objective units per unit of pixel value,
         :func:`kv3d_jax.maximization.attribution`) and the video drawn through it.
+      slowfast: whether the run computes each kernel's slow/fast index, stored as ``slowness``
+        (float32 ``()``, dimensionless, high = slow; NaN where it does not apply, :mod:`kv3d_jax.slowfast`).
     """
 
     shape: tuple[int, int, int]
     refined: bool = False
     media: str = MEDIA[0]
     attribution: bool = False
+    slowfast: bool = False
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name → (shape, dtype) of every array stored for a kernel: :data:`HALF` float16, the rest
-        float32 (an attribution map too: its gradients can exceed float16's range). Stage 2's reconstruction is not stored: it is ``warp(static, displacement)``
-        (:meth:`reconstruction`)."""
+        float32 (an attribution map too: its gradients can exceed float16's range). Stage 2's
+        reconstruction is not stored: it is ``warp(static, displacement)`` (:meth:`reconstruction`)."""
         t, h, w = self.shape
         shapes = {
             "video": (t, h, w, 3),
@@ -66,6 +69,8 @@ class KernelRecord:
             shapes.update({f"refined_{name}": shapes[name] for name in REFINED})
         if self.attribution:
             shapes["attribution"] = (t, h, w)
+        if self.slowfast:
+            shapes["slowness"] = ()
         return {name: (shape, "float16" if name in HALF else "float32") for name, shape in shapes.items()}
 
     def stored(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,6 +103,7 @@ class KernelRecord:
             speed=float(arrays["speed"]), psnr=float(arrays["psnr"]), media=dict(files),
             reliability=float(arrays["reliability"]), reliable=bool(arrays["reliable"]), dead=bool(arrays["dead"]),
             aliased=bool(arrays["aliased"]), failed=int(arrays["failed"]), name=name,
+            slowness=float(arrays["slowness"]) if self.slowfast else float("nan"),
         )
 
 

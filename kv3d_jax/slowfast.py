@@ -21,6 +21,9 @@ objective.
 The read-out, :func:`slowness`, is the fraction of the unpenalised objective that the optimum
 under the strongest penalty keeps: ``objective(λ_max) / objective(0)``, dimensionless, near 1 for
 a slow kernel and near 0 for a fast one (high = slow).
+
+It is checked against the temporal frequency (TF) each channel prefers among drifting gratings,
+:func:`preferred_tf`, measured on a fine grid (:data:`SPATIAL_FREQS`, :data:`TEMPORAL_FREQS`).
 """
 
 from __future__ import annotations
@@ -35,8 +38,16 @@ import numpy as np
 from kv3d_jax import distribute, maximization, runner, tuning
 from kv3d_jax.models.base import Params, VideoModel
 
-# The penalty weights of the grid (1/TV units, see the module doc); the first must be 0.
-WEIGHTS = (0.0, 0.3, 1.0, 3.0)
+# The penalty weights of the grid (1/TV units, see the module doc); the first must be 0. The index
+# reads only the first and the last, so the default grid is those two (docs/slowfast.md).
+WEIGHTS = (0.0, 3.0)
+# The one penalty weight of `kv3d visualize --slowfast`'s index: the grid's strongest.
+DEFAULT_WEIGHT = WEIGHTS[-1]
+# The gratings a preferred TF is read from: spatial frequencies (cycles/px) and temporal
+# frequencies (cycles/frame), each a factor of √2 apart, the TFs up to 0.35 (0.5 is Nyquist's,
+# where a grating has no direction).
+SPATIAL_FREQS = tuple(0.025 * 2 ** (k / 2) for k in range(8))
+TEMPORAL_FREQS = tuple(2 ** (k / 2) / 64 for k in range(10))
 
 
 def temporal_variation(video: jax.Array) -> jax.Array:
@@ -120,6 +131,36 @@ def slowness(objective: np.ndarray, failed: np.ndarray | None = None) -> np.ndar
     return np.where(bad, np.nan, last / np.where(bad, 1.0, first))
 
 
+def _run_pairs(model: VideoModel, params: Params, layer: str, config: maximization.Config, shape, ids: np.ndarray,
+               grid: np.ndarray, key, **run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (channel of ``ids`` ``(K,)``, weight of ``grid`` ``(L,)``) pair optimised as one
+    :func:`kv3d_jax.runner.run`, pair ``(k, l)`` with the key ``fold_in(key, ids[k])``; returns the
+    objective, the temporal variation (float64) and ``failed``, each ``(K, L)``. ``run``: the
+    runner's ``mesh``, ``memory_budget``, ``batch_size``, ``per_device``, ``compute_dtype`` and
+    ``callback``."""
+    k, l = len(ids), grid.size
+    pair_channels = np.repeat(ids, l)
+    keys = runner.kernel_keys(key, pair_channels)
+    targets = (jnp.asarray(pair_channels, jnp.int32), jnp.asarray(np.tile(grid, k)))
+    compute_dtype = run.pop("compute_dtype", jnp.float32)
+    result = runner.run(problem(model, layer, config, shape, jnp.dtype(compute_dtype)), params, targets,
+                        pair_channels, config.steps, chunk=config.chunk, key=keys, compute_dtype=compute_dtype,
+                        share=False, **run)
+    objective, variation = (np.asarray(a, np.float64).reshape(k, l) for a in result.outputs)
+    return objective, variation, np.asarray(result.failed).reshape(k, l)
+
+
+def _checked(model: VideoModel, params: Params, layer: str, config: maximization.Config | str):
+    """``(config, video shape, channels of the layer)`` for a slow/fast run of ``layer``, or a ValueError."""
+    config = maximization.get_preset(config) if isinstance(config, str) else config
+    if config.objective == "weighted":
+        raise ValueError("the slow/fast read-out takes a channel or neuron objective, not 'weighted'")
+    if config.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {config.steps}")
+    shape = tuple(config.shape or model.input_shape)
+    return config, shape, maximization.check_reachable(model, params, layer, config, shape)
+
+
 def measure(
     model: VideoModel,
     params: Params,
@@ -146,47 +187,93 @@ def measure(
     channels[k])`` whatever ``l``. Under ``jax.distributed`` each process measures its share of
     the channels.
     """
-    config = maximization.get_preset(config) if isinstance(config, str) else config
-    if config.objective == "weighted":
-        raise ValueError("the slow/fast read-out takes a channel or neuron objective, not 'weighted'")
-    if config.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {config.steps}")
+    config, shape, num = _checked(model, params, layer, config)
     grid = np.asarray(weights, np.float32).reshape(-1)
     if grid.size < 2 or grid[0] != 0 or not np.all(np.isfinite(grid)) or np.any(np.diff(grid) <= 0):
         raise ValueError(f"weights must start at 0 and increase, at least two of them; got {grid.tolist()}")
-    shape = tuple(config.shape or model.input_shape)
-    num = maximization.check_reachable(model, params, layer, config, shape)
     ids = distribute.process_share(maximization.channel_ids(channels, num, layer))
-    k, l = len(ids), grid.size
-    pair_channels = np.repeat(ids, l)
-    keys = runner.kernel_keys(key, pair_channels)
-    targets = (jnp.asarray(pair_channels, jnp.int32), jnp.asarray(np.tile(grid, k)))
-    result = runner.run(problem(model, layer, config, shape, jnp.dtype(compute_dtype)), params, targets,
-                        pair_channels, config.steps, chunk=config.chunk, key=keys, mesh=mesh,
-                        memory_budget=memory_budget, batch_size=batch_size, compute_dtype=compute_dtype,
-                        callback=callback, share=False, per_device=per_device)
-    objective, variation = (np.asarray(a, np.float64).reshape(k, l) for a in result.outputs)
-    failed = np.asarray(result.failed).reshape(k, l)
+    objective, variation, failed = _run_pairs(
+        model, params, layer, config, shape, ids, grid, key, mesh=mesh, memory_budget=memory_budget,
+        batch_size=batch_size, per_device=per_device, compute_dtype=compute_dtype, callback=callback)
     return SlowFast(ids, grid, objective, variation, failed, slowness(objective, failed))
 
 
-def preferred_tf(responses: np.ndarray, temporal_freqs: Sequence[float],
-                 result: tuning.DirectionTuning) -> np.ndarray:
-    """Each channel's grating-preferred temporal frequency ``(C,)``, cycles/frame: the geometric mean
-    of the ``temporal_freqs`` (all positive) weighted by its responses to them at its preferred
-    direction and best spatial frequency, from :func:`kv3d_jax.tuning.grating_responses` output
-    ``(D, S, F, C)`` and its :func:`kv3d_jax.tuning.direction_tuning`. NaN for a channel that
-    responds to none of them."""
+def penalised(
+    model: VideoModel,
+    params: Params,
+    layer: str,
+    channels,
+    weight: float,
+    *,
+    config: maximization.Config | str,
+    key: jax.Array | None = None,
+    per_device: int | None = None,
+    compute_dtype=jnp.float32,
+    callback: runner.Callback | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The optimum of each of ``channels`` ``(K,)`` of ``layer`` under the one penalty ``weight`` (> 0,
+    1/TV units): ``(objective (K,), temporal variation (K,), failed (K,))``.
+
+    The other half of a slow/fast index whose unpenalised half is a stage-1 run already made: with
+    that run's ``config``, ``key`` and ``per_device``, channel ``c`` starts from the same parameter
+    and draws the same jitter as it did there (key ``fold_in(key, c)``), so the two are paired, and
+    ``slowness(stack([stage-1 objective, objective]))`` is :func:`measure`'s index over the grid
+    ``(0, weight)``. No process share is taken: ``channels`` are this process's already.
+    """
+    config, shape, num = _checked(model, params, layer, config)
+    if not (np.isfinite(weight) and weight > 0):
+        raise ValueError(f"the penalty weight must be a positive number, got {weight!r}")
+    ids = maximization.channel_ids(channels, num, layer)
+    objective, variation, failed = _run_pairs(
+        model, params, layer, config, shape, ids, np.asarray([weight], np.float32), key, per_device=per_device,
+        compute_dtype=compute_dtype, callback=callback)
+    return objective[:, 0], variation[:, 0], failed[:, 0]
+
+
+def preferred_tf(responses: np.ndarray, temporal_freqs: Sequence[float], directions: np.ndarray) -> np.ndarray:
+    """Each channel's grating-preferred temporal frequency ``(C,)``, cycles/frame, from
+    :func:`kv3d_jax.tuning.grating_responses` output ``(D, S, F, C)`` over increasing positive
+    ``temporal_freqs`` ``(F,)``: at the channel's direction (index into D, ``directions`` ``(C,)``,
+    e.g. its preferred one) and the spatial frequency where it responds most, the TF of its
+    strongest response, refined by the parabola through the logarithms of that response and its two
+    neighbours against log TF (the TF itself at either end of the grid, or where a neighbour is 0).
+    NaN for a channel that responds to none of them."""
     tfs = np.asarray(temporal_freqs, np.float64)
-    if tfs.ndim != 1 or np.any(tfs <= 0):
-        raise ValueError(f"temporal frequencies must be positive for a preferred TF, got {tfs.tolist()}")
+    if tfs.ndim != 1 or tfs.size < 1 or np.any(tfs <= 0) or np.any(np.diff(tfs) <= 0):
+        raise ValueError(f"temporal frequencies must be positive and increasing for a preferred TF, got {tfs.tolist()}")
     responses = np.asarray(responses, np.float64)
     channels = np.arange(responses.shape[-1])
-    directions = np.argmax(result.curve, axis=1)
-    at_best = responses[directions, result.best_sf, :, channels]  # (C, F)
-    total = at_best.sum(axis=1)
-    log_mean = (at_best @ np.log(tfs)) / np.where(total > 0, total, 1.0)
-    return np.where(total > 0, np.exp(log_mean), np.nan)
+    at_direction = responses[np.asarray(directions), :, :, channels]  # (C, S, F)
+    best_sf = np.argmax(at_direction.max(axis=2), axis=1)
+    curve = at_direction[channels, best_sf]  # (C, F)
+    peak = np.argmax(curve, axis=1)
+    log_tf = np.log(tfs)
+    result = tfs[peak].copy()
+    for c in np.flatnonzero((peak > 0) & (peak < tfs.size - 1)):
+        x, y = log_tf[peak[c] - 1:peak[c] + 2], curve[c, peak[c] - 1:peak[c] + 2]
+        if np.all(y > 0):
+            a, b, _ = np.polyfit(x, np.log(y), 2)
+            if a < 0:  # the middle one is the largest, so the vertex lies between the outer two
+                result[c] = np.exp(-b / (2 * a))
+    return np.where(curve.max(axis=1) > 0, result, np.nan)
+
+
+def grating_tf(model: VideoModel, params: Params, layer: str, preferred_deg: np.ndarray, channels=None,
+               num_phases: int = 4) -> np.ndarray:
+    """The preferred TF ``(C,)`` (cycles/frame, :func:`preferred_tf`) of ``channels`` (default all) of
+    ``layer``, each at its direction ``preferred_deg[c]`` (degrees, ``(C,)``, e.g.
+    :attr:`kv3d_jax.tuning.DirectionTuning.preferred_deg`), from drifting gratings at those
+    directions, :data:`SPATIAL_FREQS` and :data:`TEMPORAL_FREQS`, ``num_phases`` phases each; NaN
+    for the other channels. Only the directions ``channels`` prefer are shown."""
+    preferred_deg = np.asarray(preferred_deg, np.float64)
+    wanted = np.zeros(preferred_deg.shape, bool)
+    wanted[np.arange(preferred_deg.size) if channels is None else np.asarray(channels, np.int64)] = True
+    directions = np.unique(preferred_deg[wanted])
+    if directions.size == 0:
+        return np.full(preferred_deg.shape, np.nan)
+    responses = tuning.grating_responses(model, params, layer, directions, SPATIAL_FREQS, TEMPORAL_FREQS, num_phases)
+    index = np.searchsorted(directions, np.where(wanted, preferred_deg, directions[0]))
+    return np.where(wanted, preferred_tf(responses, TEMPORAL_FREQS, index), np.nan)
 
 
 class Agreement(NamedTuple):

@@ -47,8 +47,10 @@ class DirectionTuning(NamedTuple):
 
 
 class AgreementRow(NamedTuple):
-    """One direction-selective channel: grating-preferred vs stage-2 dominant direction (degrees), and
-    whether its kernel record counts as reliable (None where unknown)."""
+    """One direction-selective channel: grating-preferred vs stage-2 dominant direction (degrees),
+    whether its kernel record counts as reliable (None where unknown), and, for a run with the
+    slow/fast index (:mod:`kv3d_jax.slowfast`), its index and grating-preferred TF (cycles/frame;
+    NaN where unknown)."""
 
     layer: str
     channel: int
@@ -57,6 +59,8 @@ class AgreementRow(NamedTuple):
     stage2_deg: float
     difference_deg: float
     reliable: bool | None = None
+    slowness: float = float("nan")
+    preferred_tf: float = float("nan")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layer", "shape", "chunk"))

@@ -1,13 +1,15 @@
 """Measures the slow/fast read-out against grating temporal-frequency preference (docs/slowfast.md).
 
-For each layer: drifting-grating tuning (:mod:`kv3d_jax.tuning`) picks the direction-selective
-channels (:func:`kv3d_jax.tuning.direction_selective`) and gives each its preferred TF
-(:func:`kv3d_jax.slowfast.preferred_tf`); the slow/fast index of those channels is measured with
+For each layer: drifting-grating tuning (:mod:`kv3d_jax.tuning`, the gratings of ``--sf`` and
+``--tf``) picks the direction-selective channels (:func:`kv3d_jax.tuning.direction_selective`) and
+their preferred directions; at that direction, gratings on a finer grid give each its preferred TF
+(:func:`kv3d_jax.slowfast.grating_tf`); the slow/fast index of those channels is measured with
 :func:`kv3d_jax.slowfast.measure`; the script prints, as JSON, per channel both measures and, per
 layer and over all layers, the share of channels whose signs agree
-(:func:`kv3d_jax.slowfast.agreement`) and the Spearman correlation of the two.
+(:func:`kv3d_jax.slowfast.agreement`), the Spearman correlation of the two, and that of the index
+with the unpenalised objective (a strong channel should not look fast for being strong).
 
-    .venv/bin/python scripts/measure_slowfast.py --model motionnet --layers conv2,conv3,conv4 --steps 100
+    .venv/bin/python scripts/measure_slowfast.py --model motionnet --layers conv3 --steps 400
 """
 
 from __future__ import annotations
@@ -50,26 +52,36 @@ def main() -> None:
     directions = np.arange(args.directions) * 360.0 / args.directions
     sfs, tfs = [float(v) for v in args.sf.split(",")], [float(v) for v in args.tf.split(",")]
     report = {"model": args.model, "preset": args.preset, "steps": config.steps, "weights": weights,
-              "sf": sfs, "tf": tfs, "directions": args.directions, "device": str(jax.devices()[0]), "layers": {}}
+              "sf": sfs, "tf": tfs, "preferred_tf_sf": list(slowfast.SPATIAL_FREQS),
+              "preferred_tf_tf": list(slowfast.TEMPORAL_FREQS), "directions": args.directions,
+              "device": str(jax.devices()[0]), "layers": {}}
     all_index, all_tf, all_agree = [], [], []
     for layer in args.layers.split(","):
         start = time.time()
         responses = tuning.grating_responses(model, params, layer, directions, sfs, tfs)
         result = tuning.direction_tuning(responses, directions)
         tuned = tuning.direction_selective(result)
-        tf = slowfast.preferred_tf(responses, tfs, result)
         channels = np.flatnonzero(tuned)
+        tf = slowfast.grating_tf(model, params, layer, result.preferred_deg, channels)
         print(f"{layer}: {channels.size} tuned channels", file=sys.stderr, flush=True)
         measured = slowfast.measure(model, params, layer, channels, config=config, weights=weights,
                                     key=jax.random.PRNGKey(args.seed))
         index = np.full(tuned.size, np.nan)
         index[measured.channels] = measured.index
+        usable = np.isfinite(measured.index)
         agreement = slowfast.agreement(index, tf, tuned)
         compared = np.flatnonzero(agreement.compared)
         report["layers"][layer] = {
             "channels": tuned.size, "tuned": int(tuned.sum()), "compared": int(compared.size),
             "agree": int(agreement.agree[compared].sum()), "share": agreement.share,
             "spearman_index_vs_tf": spearman(index[compared], tf[compared]),
+            "spearman_index_vs_objective": spearman(measured.index[usable], measured.objective[usable, 0]),
+            "index_median_range": [float(np.nanmedian(measured.index)), float(np.nanmin(measured.index)),
+                                   float(np.nanmax(measured.index))],
+            "preferred_tf_median_range": [float(np.nanmedian(tf[tuned])), float(np.nanmin(tf[tuned])),
+                                          float(np.nanmax(tf[tuned]))],
+            "mean_objective": measured.objective.mean(axis=0).round(3).tolist(),
+            "mean_variation": measured.variation.mean(axis=0).round(4).tolist(),
             "best_tf_counts": np.bincount(result.best_tf[tuned], minlength=len(tfs)).tolist(),
             "seconds": round(time.time() - start, 1),
             "per_channel": [

@@ -113,3 +113,25 @@ def test_cli_compares_refined_directions_of_a_refined_run(runs, tmp_path, capsys
 def test_cli_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert cli.main(["agreement", "--out", str(tmp_path / "nothing")]) == 2
     assert "is not a `kv3d visualize` run folder" in capsys.readouterr().err
+
+
+def test_a_slowfast_run_adds_each_channels_index_and_preferred_tf():
+    slowness = {c: 0.1 * (c + 1) for c in STAGE2}
+    rows, _ = agreement.layer_agreement(GABOR_MODEL, GABOR_PARAMS, "gabor", STAGE2, slowness=slowness)
+    assert [r.channel for r in rows] == [0, 1, 2]
+    assert [r.slowness for r in rows] == pytest.approx([0.1, 0.2, 0.3])
+    # Every motion filter is built for gratings at 0.125 cycles/frame.
+    np.testing.assert_allclose([r.preferred_tf for r in rows], 0.125, rtol=0.1)
+    table = agreement.markdown(rows, {"gabor": 5.0})
+    assert "| slow/fast index | preferred TF (cycles/frame) |" in table and "| 0.100 | " in table
+    assert "agree in sign" in table
+    plain, _ = agreement.layer_agreement(GABOR_MODEL, GABOR_PARAMS, "gabor", STAGE2)
+    assert all(np.isnan(r.slowness) for r in plain) and "slow/fast" not in agreement.markdown(plain, {"gabor": 5.0})
+
+
+def test_markdown_counts_the_signs_that_agree():
+    rows = [tuning.AgreementRow("conv3", c, 0.0, 0.5, 0.0, 0.0, True, s, tf)
+            for c, (s, tf) in enumerate([(0.2, 0.3), (0.4, 0.2), (0.6, 0.1), (0.8, 0.25), (0.5, 0.15)])]
+    # Medians 0.5 and 0.2: channel 4 and channel 1 sit on one; of 0, 2 and 3, channel 3 disagrees.
+    assert agreement.slowfast_signs(rows, "conv3") == (2, 3)
+    assert "| conv3 | 2 of 3 (67%) |" in agreement.markdown(rows, {"conv3": 0.0})

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from kv3d_jax import maximization, parameterizations, pipeline, spectrum, zoo
+from kv3d_jax import maximization, pipeline, spectrum, zoo
 
 
 def main() -> None:

@@ -3,7 +3,8 @@ independence, the diversity term's effect, failures and the CLI."""
 
 from __future__ import annotations
 
-import imageio.v3 as iio
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -107,22 +108,34 @@ def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit):
         main(["maximize", "--help"])
     out = capsys.readouterr().out
-    assert "--diversity N" in out and "--diversity-weight W" in out and "_stage1_div{i}.gif" in out
+    assert "--diversity N" in out and "--diversity-weight W" in out and "_stage1_div{i}.{media}" in out
+    assert "--media {mp4,webm,gif}" in out and "index.html" in out
 
 
-def test_cli_writes_each_optimum(tmp_path, capsys):
+def test_cli_writes_each_optimum_and_a_page_of_them_side_by_side(tmp_path, capsys):
     argv = ["maximize", "--layer", "conv1", "--rectify", "--channels", "1,4", "--out", str(tmp_path), "--preset",
             "native", "--steps", "2", "--diversity", "2", "--diversity-weight", "5", "--batch-size", "2"]
     assert main(argv) == 0
-    for channel in (1, 4):
-        for i in range(2):
-            assert iio.imread(tmp_path / f"motionnet_conv1_{channel}_stage1_div{i}.gif", index=None).shape[:3] == (
-                16, 32, 32)
     saved = np.load(tmp_path / "motionnet_conv1_stage1_div.npz")
     assert saved["videos"].shape == (2, 2, 16, 32, 32, 3) and saved["objective"].shape == (2, 2)
     assert saved["cosine"].shape == (2, 2, 2) and float(saved["diversity_weight"]) == 5
     np.testing.assert_array_equal(saved["channels"], [1, 4])
     assert "motionnet_conv1_stage1_div.npz" in capsys.readouterr().out
+    # MP4 by default, one per optimum, each played on the page in its channel's row with its objective,
+    # its share of the best and the channel's largest pairwise cosine.
+    page = (tmp_path / "index.html").read_text()
+    rows = page.split("<article")[1:]
+    assert len(rows) == 2
+    for row, channel, objective, cosine in zip(rows, (1, 4), saved["objective"], saved["cosine"]):
+        assert f'data-channel="{channel}"' in row
+        files = [f"motionnet_conv1_{channel}_stage1_div{i}.mp4" for i in range(2)]
+        assert re.findall(r'<video src="([^"]+)"', row) == files
+        assert all((tmp_path / name).stat().st_size > 0 for name in files)
+        assert re.findall(r'class="objective">([^<]*)<', row) == [f"{x:.3g}" for x in objective]
+        shares = [f"{100 * x / objective.max():.3g} %" for x in objective]
+        assert re.findall(r'class="fraction">([^<]*)<', row) == shares
+        assert re.findall(r'class="cosine">([^<]*)<', row) == [f"{cosine[0, 1]:.2g}"]
+    assert not list(tmp_path.glob("*.gif"))
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -270,7 +270,7 @@ def _add_maximize(sub) -> None:
         "maximize",
         help="stage 1: the video that maximally activates each channel of a layer",
         description="Optimises, for every chosen channel of LAYER at once, the video that most "
-        "activates it, and writes {model}_{layer}_{channel}_stage1.gif per channel plus "
+        "activates it, and writes {model}_{layer}_{channel}_stage1.gif (or --media's format) per channel plus "
         "{model}_{layer}_stage1.npz (videos, objective, channels) for stage 2.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
@@ -312,9 +312,9 @@ def _add_maximize(sub) -> None:
                    "{model}_{layer}_stage1_div.npz (videos (K, N, T, H, W, 3), objective (K, N), cosine (K, N, N)) "
                    "and index.html, each channel's optima side by side")
     p.add_argument("--diversity-weight", type=float, metavar="W",
-                   help="with --diversity: weight of the optima's mean pairwise cosine against their mean objective "
-                   f"(default {diversity.DEFAULT_WEIGHT:g}, measured on MotionNet in docs/diversity.md; 0: independent "
-                   "optima)")
+                   help="with --diversity: weight of the penalty on pairs of optima whose activation patterns' cosine "
+                   f"exceeds {diversity.DEFAULT_MARGIN:g}, against the soft minimum of their objectives (default "
+                   f"{diversity.DEFAULT_WEIGHT:g}, measured on MotionNet in docs/diversity.md; 0: no diversity term)")
     p.add_argument("--media", choices=tuple(MEDIA), help="format of the moving pictures: "
                    f"{', '.join(MEDIA)} (default gif, which `kv3d decompose` reads; with --diversity {MEDIA[0]}, "
                    "which its index.html plays)")
@@ -421,7 +421,8 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
     page = gallery.write_page(output_path(out, f"index{part}.html"), gallery.diversity_page(
         f"{model.name} {args.layer}: {args.diversity} diverse optima per channel", views,
         [f"stage 1 at the {args.preset} preset, {config.steps} steps, {args.parameterization} parameterization; "
-         f"diversity weight {weight:g} on the {diversity.DEFAULT_PATTERN} activation pattern; data in {npz.name}"]))
+         f"diversity weight {weight:g} on the {diversity.DEFAULT_PATTERN} activation pattern's cosines above "
+         f"{diversity.DEFAULT_MARGIN:g}; data in {npz.name}"]))
     off = cosine[:, ~np.eye(args.diversity, dtype=bool)]
     print(f"{len(videos)} kernels x {args.diversity} optima of {model.name} {args.layer}: mean objective "
           f"{objective.mean():.4g}, mean pairwise cosine {off.mean() if off.size else float('nan'):.3g}; "

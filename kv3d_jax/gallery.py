@@ -540,7 +540,10 @@ class DiverseView:
 
 
 def _diverse_row(view: DiverseView) -> str:
-    best = max(view.objective)
+    finite = all(math.isfinite(x) for x in view.objective)
+    best = max(view.objective) if finite else math.nan
+    # No optimum above 0 (or a non-finite one): a share of the best means nothing.
+    dead = finite and best <= 0
     fractions = [x / best if best > 0 else math.nan for x in view.objective]
     figures = "".join(
         f'<figure>{_picture(path, f"optimum {i}, channel {view.channel}")}<figcaption>optimum {i}: '
@@ -549,16 +552,21 @@ def _diverse_row(view: DiverseView) -> str:
         for i, (path, x, f) in enumerate(zip(view.media, view.objective, fractions)))
     distinct = (not view.failed and view.max_cosine <= DISTINCT_COSINE
                 and all(f >= DISTINCT_FRACTION for f in fractions))
-    badge = ('<span class="badge failed">failed</span>' if view.failed else
-             f'<span class="badge {"reliable" if distinct else "unreliable"}">{"distinct" if distinct else "alike"}'
-             "</span>")
+    if view.failed:
+        badge = '<span class="badge failed">failed</span>'
+    elif dead:
+        badge = '<span class="badge dead">dead</span>'
+    else:
+        badge = (f'<span class="badge {"reliable" if distinct else "unreliable"}">'
+                 f'{"distinct" if distinct else "alike"}</span>')
     return (
         f'<article class="kernel" id="channel-{view.channel}" data-channel="{view.channel}" '
         f'data-max-cosine="{_attr(view.max_cosine)}" data-distinct="{int(distinct)}">'
         f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
         f'{f"<b>{html.escape(view.name)}</b>" if view.name else ""}{badge}'
         f'<span>max pairwise cosine <span class="cosine">{_number(view.max_cosine, 2)}</span></span>'
-        f"<span>lowest optimum {_number(100 * min(fractions))} % of the best</span></div></article>"
+        f"<span>lowest optimum {_number(100 * min(fractions) if best > 0 else math.nan)} % of the best</span>"
+        "</div></article>"
     )
 
 
@@ -574,7 +582,8 @@ def diversity_page(title: str, kernels: Sequence[DiverseView], notes: Sequence[s
         "without jitter) and that as a percentage of the best of them; then the largest cosine between two "
         "optima's activation patterns at the layer (1: they excite the layer alike). "
         f"“distinct” = every cosine at most {DISTINCT_COSINE:g} and every optimum at least "
-        f"{100 * DISTINCT_FRACTION:g} % of the best; “alike” otherwise.</p>")
+        f"{100 * DISTINCT_FRACTION:g} % of the best; “alike” otherwise; “dead” = no optimum reaches a positive "
+        "objective.</p>")
     body.append('<div id="kernels">' + "\n".join(_diverse_row(v) for v in kernels) + "</div>")
     return _page(title, "\n".join(body))
 

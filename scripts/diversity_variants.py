@@ -4,8 +4,9 @@ Each variant is a JSON object naming an objective term, a penalty on the pairwis
 and options; it is optimised as :mod:`kv3d_jax.diversity` optimises its own loss (the same runner
 problem, starts, jitter and keys), and the script prints one JSON line per variant: the flat
 pattern's pairwise cosines (max over kernels, mean, max per kernel), each optimum's objective over
-the best of its kernel's N (min, mean, min per kernel), the mean objective and how many kernels meet
-issue #25's acceptance (every cosine <= 0.5, every optimum >= 80 % of the best of its N).
+the best of its kernel's N (min, mean, min per kernel), the mean objective, how many kernels meet
+issue #25's acceptance (every cosine <= 0.5, every optimum >= 80 % of the best of its N) and how many
+are dead (no optimum reaches a positive objective; they do not meet it).
 
     objective: "mean"       mean_i v_i
                "norm"       mean_i v_i / stop_gradient(max_j v_j)
@@ -132,13 +133,17 @@ def problem(model, layer: str, config: maximization.Config, shape, n: int, varia
 def summary(objective: np.ndarray, cosine: np.ndarray) -> dict:
     """Issue #25's numbers of K kernels' objectives ``(K, N)`` and flat cosines ``(K, N, N)``."""
     off = cosine[:, ~np.eye(cosine.shape[-1], dtype=bool)]
-    of_best = objective / objective.max(axis=1, keepdims=True)
-    meeting = (off.max(axis=1) <= 0.5) & (of_best.min(axis=1) >= 0.8)
+    # A kernel none of whose optima reaches a positive objective is dead: a share of its best means nothing.
+    live = objective.max(axis=1) > 0
+    of_best = np.where(live[:, None], objective / np.where(live, objective.max(axis=1), 1)[:, None], np.nan)
+    meeting = live & (off.max(axis=1) <= 0.5) & (of_best.min(axis=1) >= 0.8)
     return {"cosine_max": round(float(off.max()), 3), "cosine_mean": round(float(off.mean()), 3),
             "cosine_max_per_kernel": [round(float(x), 2) for x in off.max(axis=1)],
-            "of_best_min": round(float(of_best.min()), 3), "of_best_mean": round(float(of_best.mean()), 3),
+            "of_best_min": round(float(np.nanmin(of_best)), 3) if live.any() else None,
+            "of_best_mean": round(float(np.nanmean(of_best)), 3) if live.any() else None,
             "of_best_min_per_kernel": [round(float(x), 2) for x in of_best.min(axis=1)],
-            "objective_mean": round(float(objective.mean()), 3), "kernels_meeting": int(meeting.sum())}
+            "objective_mean": round(float(objective.mean()), 3), "kernels_meeting": int(meeting.sum()),
+            "dead": int((~live).sum())}
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ same preset, steps, seed, margin, temperature and warm-up; the script prints, as
 off-diagonal pairwise cosine of the optima's activation patterns (max and mean over kernels), each
 optimum's objective over the best of its kernel's N (min and mean), the mean objective over the best
 plain (weight 0) optimum of the channel, and how many kernels meet issue #25's acceptance (max cosine
-<= 0.5, every optimum >= 80 % of the best of its N).
+<= 0.5, every optimum >= 80 % of the best of its N) and how many are dead (no optimum reaches a
+positive objective; they count as not meeting it, and their objective ratios are left out).
 
     .venv/bin/python scripts/measure_diversity.py --layer conv3 --channels 0-7 --n 4 --steps 300 --weights 0,100
 """
@@ -31,16 +32,19 @@ def summary(result: diversity.DiverseResult, plain_best: np.ndarray | None, gram
     off = np.asarray(result.cosine)[:, ~np.eye(n, dtype=bool)]
     gram_off = np.asarray(gram)[:, ~np.eye(n, dtype=bool)]
     objective = np.asarray(result.objective)
-    of_best = objective / objective.max(axis=1, keepdims=True)
-    kernel_ok = (off.max(axis=1) <= 0.5) & (of_best.min(axis=1) >= 0.8)
+    # A kernel none of whose optima reaches a positive objective is dead: a share of its best means nothing.
+    live = objective.max(axis=1) > 0
+    of_best = np.where(live[:, None], objective / np.where(live, objective.max(axis=1), 1)[:, None], np.nan)
+    kernel_ok = live & (off.max(axis=1) <= 0.5) & (of_best.min(axis=1) >= 0.8)
     return {"cosine_max": float(off.max()), "cosine_mean": float(off.mean()),
             "cosine_max_per_kernel": off.max(axis=1).round(3).tolist(),
-            "of_best_min": float(of_best.min()), "of_best_mean": float(of_best.mean()),
+            "of_best_min": float(np.nanmin(of_best)) if live.any() else None,
+            "of_best_mean": float(np.nanmean(of_best)) if live.any() else None,
             "of_best_min_per_kernel": of_best.min(axis=1).round(3).tolist(),
             "of_plain_best_mean": None if plain_best is None else float((objective / plain_best[:, None]).mean()),
             "objective_mean": float(objective.mean()),
             "gram_cosine_min": float(gram_off.min()), "gram_cosine_mean": float(gram_off.mean()),
-            "kernels_meeting": int(kernel_ok.sum()), "failed": int(result.failed.sum())}
+            "kernels_meeting": int(kernel_ok.sum()), "dead": int((~live).sum()), "failed": int(result.failed.sum())}
 
 
 def main() -> None:

@@ -171,3 +171,10 @@ def test_diversity_page_shows_each_channels_optima_side_by_side():
     assert re.findall(r'class="fraction">([^<]*)<', page) == ["100 %", "90 %", "85 %", "100 %", "50 %", "97.5 %"]
     assert re.findall(r'class="cosine">([^<]*)<', page) == ["0.42", "0.31"]
     assert "waving" in page and "weight 2" in page and "lowest optimum 50 % of the best" in page
+    assert re.findall(r'class="badge (\w+)">(\w+)<', page) == [("reliable", "distinct"), ("unreliable", "alike")]
+    # A kernel none of whose optima is above 0 is dead, one with a non-finite optimum failed: no shares.
+    page = gallery.diversity_page("t", [gallery.DiverseView(1, [-2.0, -1.0], 0.2, ["a.gif", "b.gif"]),
+                                        gallery.DiverseView(2, [1.0, math.nan], 0.2, ["c.gif", "d.gif"], failed=True)])
+    assert re.findall(r'class="badge (\w+)">(\w+)<', page) == [("dead", "dead"), ("failed", "failed")]
+    assert re.findall(r'class="fraction">([^<]*)<', page) == ["– %"] * 4
+    assert page.count("lowest optimum – % of the best") == 2

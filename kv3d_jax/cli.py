@@ -29,7 +29,7 @@ from PIL import Image
 import converters
 from kv3d_jax import agreement, decomposition, distribute, diversity, maximization, models, parameterizations
 from kv3d_jax import params_io, pipeline
-from kv3d_jax import job, runner, slowfast, spectrum, transforms, tuning, writers, zoo
+from kv3d_jax import gallery, job, runner, slowfast, spectrum, transforms, tuning, writers, zoo
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.maximization import PRESETS, maximize
 from kv3d_jax.motion import motion_summary
@@ -281,7 +281,7 @@ def _add_maximize(sub) -> None:
         "maximize",
         help="stage 1: the video that maximally activates each channel of a layer",
         description="Optimises, for every chosen channel of LAYER at once, the video that most "
-        "activates it, and writes {model}_{layer}_{channel}_stage1.gif per channel plus "
+        "activates it, and writes {model}_{layer}_{channel}_stage1.gif (or --media's format) per channel plus "
         "{model}_{layer}_stage1.npz (videos, objective, channels) for stage 2.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
@@ -319,12 +319,16 @@ def _add_maximize(sub) -> None:
                    help="dtype the model computes in (default float32; the optimised video stays float32)")
     p.add_argument("--diversity", type=_at_least(2), metavar="N",
                    help=f"N distinct optima per channel (2 to {MAX_DIVERSITY}), pushed apart by a diversity term on "
-                   "the layer's activations: writes {model}_{layer}_{channel}_stage1_div{i}.gif for i = 0..N-1 and "
-                   "{model}_{layer}_stage1_div.npz (videos (K, N, T, H, W, 3), objective (K, N), cosine (K, N, N))")
+                   "the layer's activations: writes {model}_{layer}_{channel}_stage1_div{i}.{media} for i = 0..N-1, "
+                   "{model}_{layer}_stage1_div.npz (videos (K, N, T, H, W, 3), objective (K, N), cosine (K, N, N)) "
+                   "and index.html, each channel's optima side by side")
     p.add_argument("--diversity-weight", type=float, metavar="W",
-                   help="with --diversity: weight of the optima's mean pairwise cosine against their mean objective "
-                   f"(default {diversity.DEFAULT_WEIGHT:g}, measured on MotionNet in docs/diversity.md; 0: independent "
-                   "optima)")
+                   help="with --diversity: weight of the penalty on pairs of optima whose activation patterns' cosine "
+                   f"exceeds {diversity.DEFAULT_MARGIN:g}, against the soft minimum of their objectives (default "
+                   f"{diversity.DEFAULT_WEIGHT:g}, measured on MotionNet in docs/diversity.md; 0: no diversity term)")
+    p.add_argument("--media", choices=tuple(MEDIA), help="format of the moving pictures: "
+                   f"{', '.join(MEDIA)} (default gif, which `kv3d decompose` reads; with --diversity {MEDIA[0]}, "
+                   "which its index.html plays)")
     _add_processes(p)
     p.set_defaults(run=_run_maximize)
 
@@ -366,9 +370,10 @@ def _run_maximize(args) -> int:
     if bar is not None:
         bar.close()
     videos, objective = np.asarray(result.videos), np.asarray(result.objective)
+    media = args.media or "gif"
     for channel, video in zip(result.channels, videos):
-        writers.save_gif(output_path(out, f"{writers.kernel_stem(model.name, args.layer, int(channel))}_stage1.gif"),
-                         video)
+        writers.save_video(
+            output_path(out, f"{writers.kernel_stem(model.name, args.layer, int(channel))}_stage1.{media}"), video)
     extra = {}
     if args.parameterization == "maco" and len(videos):
         targets = np.asarray(result.channels, np.int32)
@@ -381,13 +386,14 @@ def _run_maximize(args) -> int:
         channels=result.channels, model=model.name, layer=args.layer, **extra,
     )
     print(f"{len(videos)} kernels of {model.name} {args.layer}: mean objective {objective.mean():.4g}; "
-          f"GIFs and {npz.name} in {args.out}")
+          f"{media.upper()}s and {npz.name} in {args.out}")
     return 0
 
 
 def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> int:
     """`kv3d maximize --diversity N`: N optima per channel (:func:`kv3d_jax.diversity.maximize_diverse`),
-    one GIF per optimum and one ``.npz`` (MACO attribution maps too, per optimum)."""
+    one moving picture per optimum (``--media``, MP4 by default), one ``.npz`` (MACO attribution maps
+    too, per optimum) and ``index.html`` showing each channel's optima side by side."""
     if args.diversity > MAX_DIVERSITY:
         raise ValueError(f"--diversity takes 2 to {MAX_DIVERSITY} optima per channel, got {args.diversity}")
     weight = diversity.DEFAULT_WEIGHT if args.diversity_weight is None else args.diversity_weight
@@ -399,10 +405,18 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
     if bar() is not None:
         bar().close()
     videos, objective = np.asarray(result.videos), np.asarray(result.objective)
-    for channel, optima in zip(result.channels, videos):
+    cosine = np.asarray(result.cosine)
+    media = args.media or MEDIA[0]
+    names = model.names_of(args.layer)
+    views = []
+    for channel, optima, values, cosines, failed in zip(result.channels, videos, objective, cosine, result.failed):
         stem = writers.kernel_stem(model.name, args.layer, int(channel))
-        for i, video in enumerate(optima):
-            writers.save_gif(output_path(out, f"{stem}_stage1_div{i}.gif"), video)
+        files = [writers.save_video(output_path(out, f"{stem}_stage1_div{i}.{media}"), video).name
+                 for i, video in enumerate(optima)]
+        views.append(gallery.DiverseView(
+            channel=int(channel), objective=[float(x) for x in values],
+            max_cosine=float(cosines[~np.eye(len(cosines), dtype=bool)].max()), media=files, failed=bool(failed),
+            name=names[int(channel)] if names else ""))
     extra = {}
     if args.parameterization == "maco" and len(videos):
         targets = np.repeat(np.asarray(result.channels, np.int32), args.diversity)
@@ -414,13 +428,18 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
     part = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
     npz = writers.save_npz(
         output_path(out, f"{model.name}_{args.layer}_stage1_div{part}.npz"), videos=videos, objective=objective,
-        cosine=np.asarray(result.cosine), channels=result.channels, model=model.name, layer=args.layer,
+        cosine=cosine, channels=result.channels, model=model.name, layer=args.layer,
         diversity_weight=weight, **extra,
     )
-    off = np.asarray(result.cosine)[:, ~np.eye(args.diversity, dtype=bool)]
+    page = gallery.write_page(output_path(out, f"index{part}.html"), gallery.diversity_page(
+        f"{model.name} {args.layer}: {args.diversity} diverse optima per channel", views,
+        [f"stage 1 at the {args.preset} preset, {config.steps} steps, {args.parameterization} parameterization; "
+         f"diversity weight {weight:g} on the {diversity.DEFAULT_PATTERN} activation pattern's cosines above "
+         f"{diversity.DEFAULT_MARGIN:g}; data in {npz.name}"]))
+    off = cosine[:, ~np.eye(args.diversity, dtype=bool)]
     print(f"{len(videos)} kernels x {args.diversity} optima of {model.name} {args.layer}: mean objective "
           f"{objective.mean():.4g}, mean pairwise cosine {off.mean() if off.size else float('nan'):.3g}; "
-          f"GIFs and {npz.name} in {args.out}")
+          f"{media.upper()}s, {npz.name} and {page.name} in {args.out}")
     return 0
 
 

@@ -540,6 +540,83 @@ def index_page(title: str, layers: Sequence[LayerView], notes: Sequence[str] = (
     return _page(title, body)
 
 
+# Issue #25's acceptance for a kernel's diverse optima: every pairwise cosine of their activation
+# patterns at most DISTINCT_COSINE and every optimum at least DISTINCT_FRACTION of the best one's objective.
+DISTINCT_COSINE = 0.5
+DISTINCT_FRACTION = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class DiverseView:
+    """One kernel's N diverse optima (``kv3d maximize --diversity N``) as the diversity page shows them.
+
+    Attributes:
+      channel: the channel index.
+      objective: ``(N,)`` each optimum's objective (activation, unjittered).
+      max_cosine: the largest pairwise cosine of the N optima's activation patterns.
+      media: ``(N,)`` each optimum's moving picture, a path relative to the page (``.mp4``/``.webm`` shown
+        as a ``<video>``, anything else as an ``<img>``).
+      failed: an optimum turned non-finite.
+      name: the channel's name (``VideoModel.names_of``), or ``""``.
+    """
+
+    channel: int
+    objective: Sequence[float]
+    max_cosine: float
+    media: Sequence[str]
+    failed: bool = False
+    name: str = ""
+
+
+def _diverse_row(view: DiverseView) -> str:
+    finite = all(math.isfinite(x) for x in view.objective)
+    best = max(view.objective) if finite else math.nan
+    # No optimum above 0 (or a non-finite one): a share of the best means nothing.
+    dead = finite and best <= 0
+    fractions = [x / best if best > 0 else math.nan for x in view.objective]
+    figures = "".join(
+        f'<figure>{_picture(path, f"optimum {i}, channel {view.channel}")}<figcaption>optimum {i}: '
+        f'<span class="objective">{_number(x)}</span> (<span class="fraction">{_number(100 * f)} %</span> '
+        "of the best)</figcaption></figure>"
+        for i, (path, x, f) in enumerate(zip(view.media, view.objective, fractions)))
+    distinct = (not view.failed and view.max_cosine <= DISTINCT_COSINE
+                and all(f >= DISTINCT_FRACTION for f in fractions))
+    if view.failed:
+        badge = '<span class="badge failed">failed</span>'
+    elif dead:
+        badge = '<span class="badge dead">dead</span>'
+    else:
+        badge = (f'<span class="badge {"reliable" if distinct else "unreliable"}">'
+                 f'{"distinct" if distinct else "alike"}</span>')
+    return (
+        f'<article class="kernel" id="channel-{view.channel}" data-channel="{view.channel}" '
+        f'data-max-cosine="{_attr(view.max_cosine)}" data-distinct="{int(distinct)}">'
+        f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
+        f'{f"<b>{html.escape(view.name)}</b>" if view.name else ""}{badge}'
+        f'<span>max pairwise cosine <span class="cosine">{_number(view.max_cosine, 2)}</span></span>'
+        f"<span>lowest optimum {_number(100 * min(fractions) if best > 0 else math.nan)} % of the best</span>"
+        "</div></article>"
+    )
+
+
+def diversity_page(title: str, kernels: Sequence[DiverseView], notes: Sequence[str] = ()) -> str:
+    """The HTML of a page of diverse optima: one row per kernel, its N optima side by side, each with its
+    objective and its fraction of the kernel's best, then the kernel's largest pairwise cosine and a
+    badge, "distinct" when every cosine is at most :data:`DISTINCT_COSINE` and every optimum reaches
+    :data:`DISTINCT_FRACTION` of the best."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    body += [f'<p class="note">{html.escape(note)}</p>' for note in notes]
+    body.append(
+        "<p>Per channel: its optima side by side, each with its objective (the channel's mean activation, "
+        "without jitter) and that as a percentage of the best of them; then the largest cosine between two "
+        "optima's activation patterns at the layer (1: they excite the layer alike). "
+        f"“distinct” = every cosine at most {DISTINCT_COSINE:g} and every optimum at least "
+        f"{100 * DISTINCT_FRACTION:g} % of the best; “alike” otherwise; “dead” = no optimum reaches a positive "
+        "objective.</p>")
+    body.append('<div id="kernels">' + "\n".join(_diverse_row(v) for v in kernels) + "</div>")
+    return _page(title, "\n".join(body))
+
+
 def write_page(path, text: str) -> Path:
     """Writes a page's HTML ``text`` to ``path`` (replacing it whole, never half-written; a failed write
     leaves no temporary file); returns the path."""

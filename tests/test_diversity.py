@@ -3,7 +3,8 @@ independence, the diversity term's effect, failures and the CLI."""
 
 from __future__ import annotations
 
-import imageio.v3 as iio
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -51,8 +52,7 @@ def test_diversity_term_lowers_the_pairwise_cosine(tiny_model):
     # A given batch size: planning one from the memory analysis would compile several more programs.
     plain = diversity.maximize_diverse(model, params, "b", [0, 1], 4, config=config, weight=0.0, pattern="flat",
                                        batch_size=2)
-    diverse = diversity.maximize_diverse(model, params, "b", [0, 1], 4, config=config, weight=3.0, pattern="flat",
-                                         batch_size=2)
+    diverse = diversity.maximize_diverse(model, params, "b", [0, 1], 4, config=config, pattern="flat", batch_size=2)
     assert off_diagonal(diverse.cosine).mean(axis=1).max() < off_diagonal(plain.cosine).mean(axis=1).min() - 0.2
     # Each result's cosines are those of its own optima: the public measure agrees on the raw
     # videos' min-max normalised copies to within what that normalisation changes.
@@ -65,10 +65,27 @@ def test_diversity_term_lowers_the_pairwise_cosine(tiny_model):
 def test_cosines_of_known_patterns():
     patterns = np.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
     np.testing.assert_allclose(diversity.cosines(patterns), [[1, 0, -1], [0, 1, 0], [-1, 0, 1]], atol=1e-7)
-    assert float(diversity.mean_off_diagonal(diversity.cosines(patterns))) == pytest.approx(-1 / 3)
+    # The penalty counts each ordered pair's excess over the margin, squared: 4 of the 6 pairs exceed
+    # -0.5 by 0.5.
+    assert float(diversity.hinge(diversity.cosines(patterns), -0.5)) == pytest.approx(4 * 0.25 / 6)
+    assert float(diversity.hinge(diversity.cosines(patterns), 0.0)) == 0
     act = np.arange(8.0).reshape(1, 2, 2, 2)
     flat = act.reshape(4, 2)
     np.testing.assert_allclose(diversity.gram(act), (flat.T @ flat).reshape(-1))
+
+
+def test_soft_minimum_is_a_scale_free_smooth_minimum():
+    values = np.array([3.0, 1.0, 2.0, 6.0], np.float32)
+    tau = 0.1 * values.mean()
+    soft = float(diversity.soft_minimum(values, 0.1))
+    assert 1.0 - tau * np.log(4) <= soft <= 1.0
+    assert float(diversity.soft_minimum(50 * values, 0.1)) == pytest.approx(50 * soft, rel=1e-6)
+    # Its gradient is a softmax of -values / tau: weights summing to one, most on the smallest value.
+    grad = np.asarray(jax.grad(diversity.soft_minimum)(values, 0.1))
+    np.testing.assert_allclose(grad, np.exp(-values / tau) / np.exp(-values / tau).sum(), rtol=1e-5)
+    assert grad.argmax() == 1 and grad.sum() == pytest.approx(1)
+    # A large temperature approaches the mean less tau log N.
+    assert float(diversity.soft_minimum(values, 1e3)) == pytest.approx(values.mean() - 1e3 * 3 * np.log(4), rel=1e-3)
 
 
 def test_a_failed_kernel_stays_alone(tiny_model):
@@ -95,34 +112,49 @@ def test_maco_through_the_public_api(tiny_model):
     assert float(np.abs(result.videos[0, 0] - result.videos[0, 1]).max()) > 0.1
 
 
-@pytest.mark.parametrize("n, weight, message", [(1, 1.0, "at least 2 optima"), (2, -1.0, "at least 0"),
-                                                (2, float("nan"), "finite")])
-def test_bad_requests_are_refused_in_one_line(tiny_model, n, weight, message):
+@pytest.mark.parametrize("n, options, message", [
+    (1, {}, "at least 2 optima"), (2, {"weight": -1.0}, "at least 0"), (2, {"weight": float("nan")}, "finite"),
+    (2, {"margin": 1.5}, "margin is a cosine, from -1 to 1"), (2, {"temperature": 0.0}, "above 0"),
+    (2, {"warmup": float("nan")}, "fraction of the steps, from 0 to 1"),
+])
+def test_bad_requests_are_refused_in_one_line(tiny_model, n, options, message):
     model, params = tiny_model
     with pytest.raises(ValueError, match=message):
-        diversity.maximize_diverse(model, params, "b", [0], n, config=CONFIG, weight=weight)
+        diversity.maximize_diverse(model, params, "b", [0], n, config=CONFIG, **options)
 
 
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit):
         main(["maximize", "--help"])
     out = capsys.readouterr().out
-    assert "--diversity N" in out and "--diversity-weight W" in out and "_stage1_div{i}.gif" in out
+    assert "--diversity N" in out and "--diversity-weight W" in out and "_stage1_div{i}.{media}" in out
+    assert "--media {mp4,webm,gif}" in out and "index.html" in out
 
 
-def test_cli_writes_each_optimum(tmp_path, capsys):
+def test_cli_writes_each_optimum_and_a_page_of_them_side_by_side(tmp_path, capsys):
     argv = ["maximize", "--layer", "conv1", "--rectify", "--channels", "1,4", "--out", str(tmp_path), "--preset",
             "native", "--steps", "2", "--diversity", "2", "--diversity-weight", "5", "--batch-size", "2"]
     assert main(argv) == 0
-    for channel in (1, 4):
-        for i in range(2):
-            assert iio.imread(tmp_path / f"motionnet_conv1_{channel}_stage1_div{i}.gif", index=None).shape[:3] == (
-                16, 32, 32)
     saved = np.load(tmp_path / "motionnet_conv1_stage1_div.npz")
     assert saved["videos"].shape == (2, 2, 16, 32, 32, 3) and saved["objective"].shape == (2, 2)
     assert saved["cosine"].shape == (2, 2, 2) and float(saved["diversity_weight"]) == 5
     np.testing.assert_array_equal(saved["channels"], [1, 4])
     assert "motionnet_conv1_stage1_div.npz" in capsys.readouterr().out
+    # MP4 by default, one per optimum, each played on the page in its channel's row with its objective,
+    # its share of the best and the channel's largest pairwise cosine.
+    page = (tmp_path / "index.html").read_text()
+    rows = page.split("<article")[1:]
+    assert len(rows) == 2
+    for row, channel, objective, cosine in zip(rows, (1, 4), saved["objective"], saved["cosine"]):
+        assert f'data-channel="{channel}"' in row
+        files = [f"motionnet_conv1_{channel}_stage1_div{i}.mp4" for i in range(2)]
+        assert re.findall(r'<video src="([^"]+)"', row) == files
+        assert all((tmp_path / name).stat().st_size > 0 for name in files)
+        assert re.findall(r'class="objective">([^<]*)<', row) == [f"{x:.3g}" for x in objective]
+        shares = [f"{100 * x / objective.max():.3g} %" for x in objective]
+        assert re.findall(r'class="fraction">([^<]*)<', row) == shares
+        assert re.findall(r'class="cosine">([^<]*)<', row) == [f"{cosine[0, 1]:.2g}"]
+    assert not list(tmp_path.glob("*.gif"))
 
 
 @pytest.mark.parametrize("flags, message", [

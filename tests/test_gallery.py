@@ -152,3 +152,29 @@ def test_index_page_links_every_layer():
     page = gallery.index_page("run", views)
     assert "3 of 4" in page and "21.5 dB" in page and "0 of 8" in page
     assert "<th>reliable</th>" in page and "2 reliable, 1 dead" in page and "0 reliable, 0 dead" in page
+
+
+def test_diversity_page_shows_each_channels_optima_side_by_side():
+    kernels = [gallery.DiverseView(3, [10.0, 9.0, 8.5], 0.42, ["k3_div0.mp4", "k3_div1.mp4", "k3_div2.mp4"]),
+               gallery.DiverseView(7, [4.0, 2.0, 3.9], 0.31, ["k7_div0.gif", "k7_div1.gif", "k7_div2.gif"],
+                                   name="waving")]
+    page = gallery.diversity_page("m conv3: 3 diverse optima", kernels, ["weight 2"])
+    tags = _Tags(page)
+    assert [v["src"] for v in tags.all("video")] == ["k3_div0.mp4", "k3_div1.mp4", "k3_div2.mp4"]
+    assert [i["src"] for i in tags.all("img")] == ["k7_div0.gif", "k7_div1.gif", "k7_div2.gif"]
+    rows = {int(a["data-channel"]): a for a in tags.all("article")}
+    assert list(rows) == [3, 7] and rows[3]["data-max-cosine"] == "0.42"
+    # Channel 3: every cosine <= 0.5 and every optimum >= 80 % of the best; channel 7's second
+    # optimum reaches only half of its best.
+    assert rows[3]["data-distinct"] == "1" and rows[7]["data-distinct"] == "0"
+    assert re.findall(r'class="objective">([^<]*)<', page) == ["10", "9", "8.5", "4", "2", "3.9"]
+    assert re.findall(r'class="fraction">([^<]*)<', page) == ["100 %", "90 %", "85 %", "100 %", "50 %", "97.5 %"]
+    assert re.findall(r'class="cosine">([^<]*)<', page) == ["0.42", "0.31"]
+    assert "waving" in page and "weight 2" in page and "lowest optimum 50 % of the best" in page
+    assert re.findall(r'class="badge (\w+)">(\w+)<', page) == [("reliable", "distinct"), ("unreliable", "alike")]
+    # A kernel none of whose optima is above 0 is dead, one with a non-finite optimum failed: no shares.
+    page = gallery.diversity_page("t", [gallery.DiverseView(1, [-2.0, -1.0], 0.2, ["a.gif", "b.gif"]),
+                                        gallery.DiverseView(2, [1.0, math.nan], 0.2, ["c.gif", "d.gif"], failed=True)])
+    assert re.findall(r'class="badge (\w+)">(\w+)<', page) == [("dead", "dead"), ("failed", "failed")]
+    assert re.findall(r'class="fraction">([^<]*)<', page) == ["– %"] * 4
+    assert page.count("lowest optimum – % of the best") == 2

@@ -152,7 +152,8 @@ def markdown(rows, medians: dict[str, float], stage: str = "stage2") -> str:
                   "above its median) |", "|---|---|"]
         for layer in medians:
             agree, compared = slowfast_signs(rows, layer)
-            lines.append(f"| {layer} | {agree} of {compared}" + (f" ({agree / compared:.0%})" if compared else "") + " |")
+            share = f" ({agree / compared:.0%})" if compared else ""
+            lines.append(f"| {layer} | {agree} of {compared}{share} |")
     extra = (" slow/fast index | preferred TF (cycles/frame) |", "---|---|") if indexed else ("", "")
     lines += ["", f"| layer | channel | grating-preferred (deg) | DSI | {STAGES[stage][1]} (deg) | difference (deg) "
               f"| reliable |{extra[0]}", f"|---|---|---|---|---|---|---|{extra[1]}"]

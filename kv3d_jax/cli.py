@@ -568,8 +568,10 @@ def _print_slowfast(model, params, args, result, selective) -> None:
         bar = bar or ProgressBar(total, label=f"slow/fast {model.name} {args.layer}")
         bar.update(done, objective=objective)
 
+    # Batches of a visualize job's width: on a CPU, one batch of every pair took 1.7 times as long
+    # (MotionNet conv3, docs/slowfast.md).
     measured = slowfast.measure(model, params, args.layer, channels, config=config, weights=args.slowfast_weights,
-                                callback=show)
+                                per_device=job.DEFAULT_BATCH, callback=show)
     if bar is not None:
         bar.close()
     index = np.full(selective.size, np.nan)

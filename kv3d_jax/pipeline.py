@@ -249,8 +249,8 @@ def _duration(seconds: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class Speed:
     """What a process measured on its first units: seconds per FLOP of the stages that run the
-    model (1, 3 and the slow/fast index's) and seconds per kernel of everything else (stage 2, the read-out, the pictures,
-    the store), which costs the same for every layer of a job."""
+    model (1, 3 and the slow/fast index's) and seconds per kernel of everything else (stage 2, the
+    read-out, the pictures, the store), which costs the same for every layer of a job."""
 
     per_flop: float
     per_kernel: float
@@ -277,8 +277,9 @@ def plan_table(model, job: Job, pending: Mapping[str, Sequence[int]], flops: Map
 
 
 class _Clock:
-    """Seconds spent in the stages that run the model (1, 3 and 4, the slow/fast index's) and in all, from the progress
-    callbacks of :func:`compute_chunk` (each chunk's time goes to the stage it reports)."""
+    """Seconds spent in the stages that run the model (1, 3 and 4, the slow/fast index's) and in all,
+    from the progress callbacks of :func:`compute_chunk` (each chunk's time goes to the stage it
+    reports)."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()

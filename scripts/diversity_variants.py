@@ -141,7 +141,7 @@ def summary(objective: np.ndarray, cosine: np.ndarray) -> dict:
             "cosine_max_per_kernel": [round(float(x), 2) for x in off.max(axis=1)],
             "of_best_min": round(float(np.nanmin(of_best)), 3) if live.any() else None,
             "of_best_mean": round(float(np.nanmean(of_best)), 3) if live.any() else None,
-            "of_best_min_per_kernel": [round(float(x), 2) for x in of_best.min(axis=1)],
+            "of_best_min_per_kernel": [None if np.isnan(x) else round(float(x), 2) for x in of_best.min(axis=1)],
             "objective_mean": round(float(objective.mean()), 3), "kernels_meeting": int(meeting.sum()),
             "dead": int((~live).sum())}
 

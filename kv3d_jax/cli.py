@@ -324,8 +324,9 @@ def _add_maximize(sub) -> None:
                    "and index.html, each channel's optima side by side")
     p.add_argument("--diversity-weight", type=float, metavar="W",
                    help="with --diversity: weight of the penalty on pairs of optima whose activation patterns' cosine "
-                   f"exceeds {diversity.DEFAULT_MARGIN:g}, against the soft minimum of their objectives (default "
-                   f"{diversity.DEFAULT_WEIGHT:g}, measured on MotionNet in docs/diversity.md; 0: no diversity term)")
+                   f"exceeds {diversity.DEFAULT_MARGIN:g}, in units of their mean objective, against the soft minimum "
+                   f"of their objectives (default {diversity.DEFAULT_WEIGHT:g}, measured on MotionNet in "
+                   "docs/diversity.md; 0: no diversity term)")
     p.add_argument("--media", choices=tuple(MEDIA), help="format of the moving pictures: "
                    f"{', '.join(MEDIA)} (default gif, which `kv3d decompose` reads; with --diversity {MEDIA[0]}, "
                    "which its index.html plays)")

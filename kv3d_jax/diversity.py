@@ -4,18 +4,21 @@ The N optima of one channel share an objective term, so they are one *kernel* of
 (:func:`kv3d_jax.runner.run`): its state holds N stage-1 parameters along a leading axis, and
 its step minimises
 
-    -softmin_τ(objective(video_1), …, objective(video_N))
-        + weight · r(t) · mean_{i≠j} relu(cos(pattern(act_i), pattern(act_j)) - margin)²
+    -softmin_τ(v_1, …, v_N) + weight · s · r(t) · mean_{i≠j} relu(c_ij - margin)²,
+    c_ij = cos(pattern(act_i), pattern(act_j)),
 
-where ``act_i`` ``(T', H', W', C)`` is the tapped layer's activation for optimum i's jittered
-input and ``pattern`` is the flattened activation itself (the default) or its Gram matrix over
-positions (Lucid's ``diversity`` objective, which ignores where a feature sits). The soft minimum
-(:func:`soft_minimum`, temperature relative to the optima's mean objective) gives the weakest
-optimum the most of the objective's gradient, so no optimum buys distance by giving up its
-activation; the squared hinge (:func:`hinge`) pushes only pairs still more alike than ``margin``;
-``r(t)`` ramps the penalty in linearly over the first ``warmup`` fraction of the steps, so the
-optima first find the feature, then move apart. K channels with N optima each are K kernels of
-N-fold state, so batching, sharding and memory planning are the runner's own.
+where ``v_i`` is optimum i's objective and ``act_i`` ``(T', H', W', C)`` the tapped layer's
+activation for its jittered input, ``pattern`` is the flattened activation itself (the default) or
+its Gram matrix over positions (Lucid's ``diversity`` objective, which ignores where a feature
+sits), and ``s = mean_i |v_i|`` (:func:`objective_scale`, held constant in the gradient). The soft
+minimum (:func:`soft_minimum`, its temperature relative to ``s``) gives the weakest optimum the
+most of the objective's gradient, so no optimum buys distance by giving up its activation; the
+squared hinge (:func:`hinge`) pushes only pairs still more alike than ``margin``; ``s`` prices the
+penalty in the kernel's own objective, so one weight serves layers whose activations differ in
+scale (MotionNet's conv4 reaches ~30 times conv3's); ``r(t)`` ramps the penalty in linearly over
+the first ``warmup`` fraction of the steps, so the optima first find the feature, then move apart.
+K channels with N optima each are K kernels of N-fold state, so batching, sharding and memory
+planning are the runner's own.
 Stage 1's pieces (parameterization, jitter, normalisation, objective) are reused unchanged.
 """
 
@@ -37,11 +40,12 @@ from kv3d_jax.models.base import VideoModel
 
 Params = Any
 
-# Measured on MotionNet conv3, channels 0-7, N = 4 (docs/diversity.md, which also lists what else was
-# tried): these meet issue #25's acceptance (every pairwise cosine <= 0.5, every optimum >= 80 % of
-# the best) on most kernels. The earlier mean objective minus 2 x the mean pairwise cosine met it on
-# none: pairs stayed at 0.76-0.86 while weak optima gave up their activation.
-DEFAULT_WEIGHT = 300.0
+# Measured on MotionNet conv3, channels 0-7, N = 4, 300 steps (docs/diversity.md, which also lists
+# what else was tried): every kernel meets issue #25's acceptance (every pairwise cosine <= 0.5, every
+# optimum >= 80 % of the best of its N), at about half the objective of independent optima. The
+# earlier mean objective minus 2 x the mean pairwise cosine met it on none: pairs stayed at 0.76-0.86
+# while weak optima gave up their activation.
+DEFAULT_WEIGHT = 40.0
 DEFAULT_PATTERN = "flat"
 DEFAULT_MARGIN = 0.4
 DEFAULT_TEMPERATURE = 0.1
@@ -88,13 +92,19 @@ def hinge(cosine: jax.Array, margin: float) -> jax.Array:
     return jnp.sum(excess * excess) / (n * (n - 1))
 
 
+def objective_scale(values: jax.Array) -> jax.Array:
+    """``mean_i |values_i|`` of N objectives ``(N,)`` (at least 1e-6), held constant in the gradient: the
+    unit that makes the diversity loss independent of the activation's scale."""
+    return jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(values)), 1e-6))
+
+
 def soft_minimum(values: jax.Array, temperature: float) -> jax.Array:
-    """``-τ · log Σ_i exp(-values_i / τ)`` of ``values`` ``(N,)``, with ``τ = temperature · mean_i |values_i|``
-    (held constant in the gradient): at most ``min(values)``, within ``τ · log N`` of it. Its gradient
-    weighs each value by a softmax of ``-values / τ`` (weights summing to 1), most the smallest; a
-    relative ``τ`` makes those weights independent of the activation's scale."""
-    scale = jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(values)), 1e-6))
-    tau = temperature * scale
+    """``-τ · log Σ_i exp(-values_i / τ)`` of ``values`` ``(N,)``, with ``τ = temperature ·``
+    :func:`objective_scale`: at most ``min(values)``, within ``τ · log N`` of it. Its gradient weighs
+    each value by a softmax of ``-values / τ`` (weights summing to 1, so Adam sees the objective's own
+    gradient scale), most the smallest; a relative ``τ`` makes those weights independent of the
+    activation's scale."""
+    tau = temperature * objective_scale(values)
     return -tau * jax.scipy.special.logsumexp(-values / tau)
 
 
@@ -154,7 +164,7 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
         acts = act_fn(model_params, jax.vmap(one)(params, index))
         values = _values(config, acts, target)
         penalty = hinge(cosines(jax.vmap(pattern_fn)(acts)), margin)
-        return weight * ramp * penalty - soft_minimum(values, temperature), jnp.mean(values)
+        return weight * objective_scale(values) * ramp * penalty - soft_minimum(values, temperature), jnp.mean(values)
 
     def step(model_params, state, key):
         done = optax.tree_utils.tree_get(state.opt_state, "count")
@@ -240,9 +250,10 @@ def maximize_diverse(
 ) -> DiverseResult:
     """``n`` diverse optima for each kernel of ``layer``: stage 1 (:func:`kv3d_jax.maximization.maximize`,
     whose arguments these are) maximising the soft minimum of the optima's objectives
-    (:func:`soft_minimum` at ``temperature``) less ``weight`` times the squared excess of their
-    activation ``pattern``'s (``"flat"``, or Lucid's ``"gram"``) pairwise cosines over ``margin``
-    (:func:`hinge`), the penalty ramped in over the first ``warmup`` fraction (0 to 1) of the steps.
+    (:func:`soft_minimum` at ``temperature``) less ``weight`` times their mean absolute objective
+    times the squared excess of their activation ``pattern``'s (``"flat"``, or Lucid's ``"gram"``)
+    pairwise cosines over ``margin`` (:func:`hinge`), the penalty ramped in over the first ``warmup``
+    fraction (0 to 1) of the steps (the module doc has the loss).
 
     A kernel (a channel and its ``n`` optima) is one runner kernel: its keys are
     ``fold_in(key, channel)``, so its result does not depend on the kernels beside it, and

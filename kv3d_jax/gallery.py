@@ -581,6 +581,8 @@ def _diverse_row(view: DiverseView) -> str:
         for i, (path, x, f) in enumerate(zip(view.media, view.objective, fractions)))
     distinct = (not view.failed and view.max_cosine <= DISTINCT_COSINE
                 and all(f >= DISTINCT_FRACTION for f in fractions))
+    # Two decimals, so a cosine just above the bound does not read as the bound itself.
+    cosine = f"{view.max_cosine:.2f}" if math.isfinite(view.max_cosine) else "–"
     if view.failed:
         badge = '<span class="badge failed">failed</span>'
     elif dead:
@@ -593,7 +595,7 @@ def _diverse_row(view: DiverseView) -> str:
         f'data-max-cosine="{_attr(view.max_cosine)}" data-distinct="{int(distinct)}">'
         f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
         f'{f"<b>{html.escape(view.name)}</b>" if view.name else ""}{badge}'
-        f'<span>max pairwise cosine <span class="cosine">{_number(view.max_cosine, 2)}</span></span>'
+        f'<span>max pairwise cosine <span class="cosine">{cosine}</span></span>'
         f"<span>lowest optimum {_number(100 * min(fractions) if best > 0 else math.nan)} % of the best</span>"
         "</div></article>"
     )

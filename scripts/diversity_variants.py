@@ -3,10 +3,11 @@
 Each variant is a JSON object naming an objective term, a penalty on the pairwise cosines, a weight
 and options; it is optimised as :mod:`kv3d_jax.diversity` optimises its own loss (the same runner
 problem, starts, jitter and keys), and the script prints one JSON line per variant: the flat
-pattern's pairwise cosines (max over kernels, mean, max per kernel), each optimum's objective over
-the best of its kernel's N (min, mean, min per kernel), the mean objective, how many kernels meet
-issue #25's acceptance (every cosine <= 0.5, every optimum >= 80 % of the best of its N) and how many
-are dead (no optimum reaches a positive objective; they do not meet it).
+pattern's pairwise cosines (max over kernels, mean, max per kernel; and the largest of the variant's
+own pattern), each optimum's objective over the best of its kernel's N (min, mean, min per kernel),
+the mean objective, how many kernels meet issue #25's acceptance (every cosine <= 0.5, every optimum
+>= 80 % of the best of its N) and how many are dead (no optimum reaches a positive objective; they do
+not meet it).
 
     objective: "mean"       mean_i v_i
                "norm"       mean_i v_i / stop_gradient(max_j v_j)
@@ -85,7 +86,8 @@ def penalty_term(variant: dict, cosine: jax.Array) -> jax.Array:
 
 
 def problem(model, layer: str, config: maximization.Config, shape, n: int, variant: dict) -> runner.Problem:
-    """:func:`kv3d_jax.diversity.problem` with the variant's loss; outputs ``(videos, objective, flat cosine)``."""
+    """:func:`kv3d_jax.diversity.problem` with the variant's loss; outputs ``(videos, objective, flat cosine,
+    the variant's pattern's cosine)``."""
     to_video = maximization.parameterization_of(config).to_video
     act_fn = diversity._layer(model, layer, config, jnp.float32)
     pattern = PATTERNS[variant.get("pattern", "flat")]
@@ -125,7 +127,7 @@ def problem(model, layer: str, config: maximization.Config, shape, n: int, varia
         x = jax.vmap(lambda v: maximization.model_input(v, None, config.resize, mean, std))(videos)
         acts = act_fn(model_params, x)
         return (maximization.minmax_normalize(videos), diversity._values(config, acts, state.target),
-                diversity.cosines(jax.vmap(diversity.flat)(acts)))
+                diversity.cosines(jax.vmap(diversity.flat)(acts)), diversity.cosines(jax.vmap(pattern)(acts)))
 
     return runner.Problem(init, step, outputs, convolves=True)
 
@@ -141,7 +143,7 @@ def summary(objective: np.ndarray, cosine: np.ndarray) -> dict:
             "cosine_max_per_kernel": [round(float(x), 2) for x in off.max(axis=1)],
             "of_best_min": round(float(np.nanmin(of_best)), 3) if live.any() else None,
             "of_best_mean": round(float(np.nanmean(of_best)), 3) if live.any() else None,
-            "of_best_min_per_kernel": [round(float(x), 2) for x in of_best.min(axis=1)],
+            "of_best_min_per_kernel": [None if np.isnan(x) else round(float(x), 2) for x in of_best.min(axis=1)],
             "objective_mean": round(float(objective.mean()), 3), "kernels_meeting": int(meeting.sum()),
             "dead": int((~live).sum())}
 
@@ -165,9 +167,11 @@ def main() -> None:
         start = time.perf_counter()
         result = runner.run(problem(model, args.layer, config, shape, args.n, variant), params, target, ids,
                             config.steps, chunk=config.chunk, key=jax.random.PRNGKey(args.seed), batch_size=len(ids))
-        _, objective, cosine = (np.asarray(x) for x in result.outputs)
+        _, objective, cosine, own = (np.asarray(x) for x in result.outputs)
+        own_max = float(own[:, ~np.eye(args.n, dtype=bool)].max())
         print(json.dumps({"layer": args.layer, "steps": args.steps, **variant, **summary(objective, cosine),
-                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+                          "pattern_cosine_max": round(own_max, 3), "seconds": round(time.perf_counter() - start, 1)}),
+              flush=True)
 
 
 if __name__ == "__main__":

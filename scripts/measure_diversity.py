@@ -40,7 +40,7 @@ def summary(result: diversity.DiverseResult, plain_best: np.ndarray | None, gram
             "cosine_max_per_kernel": off.max(axis=1).round(3).tolist(),
             "of_best_min": float(np.nanmin(of_best)) if live.any() else None,
             "of_best_mean": float(np.nanmean(of_best)) if live.any() else None,
-            "of_best_min_per_kernel": of_best.min(axis=1).round(3).tolist(),
+            "of_best_min_per_kernel": [None if np.isnan(x) else round(float(x), 3) for x in of_best.min(axis=1)],
             "of_plain_best_mean": None if plain_best is None else float((objective / plain_best[:, None]).mean()),
             "objective_mean": float(objective.mean()),
             "gram_cosine_min": float(gram_off.min()), "gram_cosine_mean": float(gram_off.mean()),

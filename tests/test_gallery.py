@@ -156,7 +156,7 @@ def test_index_page_links_every_layer():
 
 def test_diversity_page_shows_each_channels_optima_side_by_side():
     kernels = [gallery.DiverseView(3, [10.0, 9.0, 8.5], 0.42, ["k3_div0.mp4", "k3_div1.mp4", "k3_div2.mp4"]),
-               gallery.DiverseView(7, [4.0, 2.0, 3.9], 0.31, ["k7_div0.gif", "k7_div1.gif", "k7_div2.gif"],
+               gallery.DiverseView(7, [4.0, 2.0, 3.9], 0.497, ["k7_div0.gif", "k7_div1.gif", "k7_div2.gif"],
                                    name="waving")]
     page = gallery.diversity_page("m conv3: 3 diverse optima", kernels, ["weight 2"])
     tags = _Tags(page)
@@ -169,7 +169,7 @@ def test_diversity_page_shows_each_channels_optima_side_by_side():
     assert rows[3]["data-distinct"] == "1" and rows[7]["data-distinct"] == "0"
     assert re.findall(r'class="objective">([^<]*)<', page) == ["10", "9", "8.5", "4", "2", "3.9"]
     assert re.findall(r'class="fraction">([^<]*)<', page) == ["100 %", "90 %", "85 %", "100 %", "50 %", "97.5 %"]
-    assert re.findall(r'class="cosine">([^<]*)<', page) == ["0.42", "0.31"]
+    assert re.findall(r'class="cosine">([^<]*)<', page) == ["0.42", "0.50"]
     assert "waving" in page and "weight 2" in page and "lowest optimum 50 % of the best" in page
     assert re.findall(r'class="badge (\w+)">(\w+)<', page) == [("reliable", "distinct"), ("unreliable", "alike")]
     # A kernel none of whose optima is above 0 is dead, one with a non-finite optimum failed: no shares.

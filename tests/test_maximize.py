@@ -139,7 +139,7 @@ def test_cli_writes_a_gif_per_kernel_and_an_npz(c3d_params_files, tmp_path, caps
             "--channels", "3,7", "--out", str(tmp_path), "--preset", "native", "--steps", "2", "--rectify"]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "steps/s" in captured.err and "objective=" in captured.err
+    assert "objective=" in captured.err
     for channel in (3, 7):
         gif = iio.imread(tmp_path / f"c3d_conv1_{channel}_stage1.gif", index=None)
         assert gif.shape[:3] == (16, 112, 112)

@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import flax
+import imageio_ffmpeg
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -303,7 +304,7 @@ def _add_maximize(sub) -> None:
                    "spectrum and optimises its phase, and adds each kernel's attribution map to the .npz")
     p.add_argument("--magnitude-from", nargs="+", metavar="FILE",
                    help="with --parameterization maco: fix the amplitude spectrum to the mean of these clips' spectra "
-                   "(GIFs, folders of GIFs or .npz files with 'videos' (K, T, H, W, 3) in [0, 1]), each "
+                   "(GIFs, MP4s, WebMs, folders of GIFs or .npz files with 'videos' (K, T, H, W, 3) in [0, 1]), each "
                    "resized to the optimised clip's size; default: the natural-video law")
     p.add_argument("--maco-exponents", nargs=2, type=float, metavar=("A", "B"),
                    default=spectrum.NATURAL_EXPONENTS,
@@ -446,7 +447,7 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
 
 def _clip_magnitude(paths: list[str], shape: tuple[int, int, int]) -> spectrum.Magnitude:
     """The mean amplitude spectrum (:func:`kv3d_jax.spectrum.from_clips`) of the clips in ``paths``, each
-    read by the bounded readers of `kv3d decompose` (GIFs, folders of GIFs, stage-1 ``.npz``; at most
+    read by the bounded readers of `kv3d decompose` (GIFs, MP4s, WebMs, folders of GIFs, stage-1 ``.npz``; at most
     :data:`MAX_TOTAL_PIXELS` pixels in all) and resized trilinearly to ``shape`` ``(T, H, W)``."""
     total, count, summed = 0, 0, 0.0
     for path in paths:
@@ -667,6 +668,42 @@ def _read_gif(path) -> np.ndarray:
     return np.stack(frames).astype(np.float32) / 255.0
 
 
+# The movie formats `kv3d decompose` reads, and the ffmpeg demuxer each is read with: forced, so that
+# ffmpeg parses only the container the suffix names, never one it guesses from the file's content.
+_MOVIE_DEMUXERS = {".mp4": "mov", ".webm": "matroska"}
+
+
+def _read_movie(path: Path) -> np.ndarray:
+    """An MP4 or WebM as ``(T, H, W, 3)`` float32 in [0, 1], decoded by imageio-ffmpeg's ffmpeg.
+
+    ffmpeg reads only the regular file itself (the ``file`` protocol, the demuxer of its suffix);
+    the frame size is checked against :data:`MAX_VIDEO_PIXELS` before any frame is decoded, and the
+    frames against :data:`MAX_VIDEO_FRAMES` and :data:`MAX_VIDEO_PIXELS` as they arrive, so a file
+    whose header understates its length is stopped, not read whole.
+    """
+    kind = path.suffix.lower()[1:].upper()
+    source = f"file:{regular_file(path, kind).resolve()}"
+    reader = imageio_ffmpeg.read_frames(
+        source, input_params=["-protocol_whitelist", "file", "-f", _MOVIE_DEMUXERS[path.suffix.lower()]])
+    frames = []
+    try:
+        width, height = reader.__next__()["size"]
+        _check_size(path, (1, height, width))
+        for frame in reader:
+            _check_size(path, (len(frames) + 1, height, width))
+            frames.append(np.frombuffer(frame, np.uint8).reshape(height, width, 3))
+    except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path} is not a readable {kind} ({escape(str(err).strip() or type(err).__name__, 200)})"
+                         ) from None
+    finally:
+        reader.close()
+    if not frames:
+        raise ValueError(f"{path} is not a readable {kind} (it holds no frames)")
+    return np.stack(frames).astype(np.float32) / 255.0
+
+
 def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape and dtype of array ``name`` of an ``.npz``, from its header alone, and how many bytes of
     data its member holds after the header (read later only if they are what the header needs)."""
@@ -768,7 +805,8 @@ def _read_stage1(path: Path) -> list[tuple[str, np.ndarray]]:
 
 
 def _decompose_inputs(path: str) -> list[tuple[str, np.ndarray]]:
-    """``(stem, video)`` pairs from a GIF, a folder of GIFs or a stage-1 ``.npz`` (key ``videos``).
+    """``(stem, video)`` pairs from a GIF, an MP4 or WebM (:func:`_read_movie`), a folder of GIFs or a
+    stage-1 ``.npz`` (key ``videos``).
 
     Every file is checked to be a regular file before it is opened, and every GIF's size from its
     blocks before any is decoded: at most :data:`MAX_TOTAL_PIXELS` pixels in all.
@@ -787,8 +825,10 @@ def _decompose_inputs(path: str) -> list[tuple[str, np.ndarray]]:
             raise ValueError(f"{path} holds no GIFs to decompose (outputs of `kv3d decompose` are skipped)")
     elif source.suffix.lower() == ".gif":
         gifs = [source]
+    elif source.suffix.lower() in _MOVIE_DEMUXERS:
+        return [(source.stem.removesuffix("_stage1"), _read_movie(source))]
     else:
-        raise ValueError(f"{path} is neither a GIF, a folder of GIFs nor an .npz of stage-1 videos")
+        raise ValueError(f"{path} is neither a GIF, an MP4, a WebM, a folder of GIFs nor an .npz of stage-1 videos")
     total = 0
     for gif in gifs:
         shape = _gif_shape(regular_file(gif, "GIF"))
@@ -809,7 +849,7 @@ def _add_decompose(sub) -> None:
         "_recon.gif and _panel.gif; prints each video's dominant direction (degrees, 0 = right, "
         "90 = up), mean speed (px/frame) and reconstruction PSNR.",
     )
-    p.add_argument("source", help="a GIF, a folder of GIFs, or a stage-1 .npz with a 'videos' array")
+    p.add_argument("source", help="a GIF, an MP4, a WebM, a folder of GIFs, or a stage-1 .npz with a 'videos' array")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=_at_least(0), default=2000, help="optimisation steps (default 2000)")
     p.set_defaults(run=_run_decompose)

@@ -178,6 +178,16 @@ def _npz_bomb(path: Path) -> Path:
     return path
 
 
+def _wide_mp4(path: Path) -> Path:
+    """One grey frame of 2100x2100 pixels (4.4 M, over the budget of one video) as an MP4."""
+    return writers.save_video(path, np.full((1, 2100, 2100, 3), 0.5, np.float32))
+
+
+def _long_mp4(path: Path) -> Path:
+    """1,100 frames of 64x64 pixels (over the frame budget) as an MP4."""
+    return writers.save_video(path, np.full((1100, 64, 64, 3), 0.5, np.float32))
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: _bomb_gif(p / "bomb.gif"), "holds 3 frames of 6000x6000 pixels"),
     (lambda p: _long_gif(p / "long.gif"), "holds 300 frames of 256x256 pixels"),
@@ -186,7 +196,11 @@ def _npz_bomb(path: Path) -> Path:
     (lambda p: (p / "random.gif").write_bytes(bytes(range(256)) * 40) and p / "random.gif", "is not a readable GIF"),
     (lambda p: (p / "notes.npz").write_text("not a zip") and p / "notes.npz", "is not an .npz archive"),
     (lambda p: (p / "notes.txt").write_text("hello") and p / "notes.txt", "is neither a GIF"),
-], ids=["gif-bomb", "long-gif", "npz-bomb", "text-as-gif", "noise-as-gif", "text-as-npz", "text"])
+    (lambda p: _wide_mp4(p / "wide.mp4"), "holds 1 frames of 2100x2100 pixels"),
+    (lambda p: _long_mp4(p / "long.mp4"), "holds 1,025 frames, more than the 1,024"),
+    (lambda p: (p / "notes.mp4").write_text("not a movie") and p / "notes.mp4", "is not a readable MP4"),
+], ids=["gif-bomb", "long-gif", "npz-bomb", "text-as-gif", "noise-as-gif", "text-as-npz", "text", "wide-mp4",
+        "long-mp4", "text-as-mp4"])
 def test_decompose_refuses_inputs_before_reading_them(tmp_path, make, fragment):
     source = make(tmp_path)
     before = sorted(tmp_path.iterdir())

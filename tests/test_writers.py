@@ -103,12 +103,14 @@ def _read_video(path):
 @pytest.mark.parametrize("shape, encoded", [((4, 12, 12), (72, 72)), ((3, 13, 17), (66, 86)), ((2, 70, 71), (70, 72))])
 def test_each_media_round_trips(tmp_path, media, shape, encoded):
     """Every frame comes back in order, near its colours; MP4 and WebM frames enlarged by a whole factor
-    (12 px: 6×; 13 px: 5×, then padded from 65 to even by the last row; 70 px: not enlarged, 71 padded)."""
+    (12 px: 6×; 13 px: 5×, then padded from 65 to even by the last row; 70 px: not enlarged, 71 padded).
+    kv3d's own reader (`kv3d decompose`, `--magnitude-from`) reads the frames an independent one does."""
     t, h, w = shape
     video = _smooth_video(t, h, w)
     path = writers.save_video(tmp_path / f"v.{media}", video, fps=8.0)
     assert path == tmp_path / f"v.{media}" and [p.name for p in tmp_path.iterdir()] == [path.name]
     frames = _read_video(path).astype(np.float32) / 255
+    assert [(stem, clip.tolist()) for stem, clip in cli._decompose_inputs(str(path))] == [("v", frames.tolist())]
     size = (h, w) if media == "gif" else encoded
     assert writers.encoded_size(h, w) == encoded and frames.shape == (t, *size, 3)
     scale = size[0] // h

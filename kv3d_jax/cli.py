@@ -187,9 +187,9 @@ def _optima_count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of optima {text[:40]!r}: write an integer such as 4") from None
+        raise argparse.ArgumentTypeError(f"invalid number of optima {text[:40]!r}: write a whole number") from None
     if value != 0 and not 2 <= value <= MAX_DIVERSITY:
-        raise argparse.ArgumentTypeError(f"takes 2 to {MAX_DIVERSITY} optima per channel (0: none), got {value}")
+        raise argparse.ArgumentTypeError(f"takes 2 to {MAX_DIVERSITY} optima per channel (0: none), got {text[:40]}")
     return value
 
 

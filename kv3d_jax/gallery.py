@@ -209,6 +209,7 @@ form input[type=number]{width:5em}
 .media figure{margin:0;text-align:center;font-size:11px;color:#666}
 .media img,.media video{height:128px;width:auto;aspect-ratio:auto 1/1;image-rendering:pixelated;display:block}
 .media div.video{min-width:128px;height:128px}
+.media.diverse{margin-top:8px}
 .summary{display:flex;flex-wrap:wrap;gap:.2em .8em;align-items:center;margin-top:4px}
 .arrow{width:22px;height:22px}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}
@@ -456,14 +457,14 @@ def _kernel_card(view: KernelView) -> str:
     speed = "speed ambiguous (aliased)" if view.aliased else f"{_number(view.speed)} px/frame"
     return (
         f'<article class="{classes}" id="channel-{view.channel}" {data}>'
-        f'<div class="media">{figures}</div>{_diverse_strip(view)}<div class="summary"><b>#{view.channel}</b>'
+        f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
         f'{f"<b>{html.escape(view.name)}</b>" if view.name else ""}{_badges(view)}'
         f"{_arrow(view.direction_deg)}<span>{_number(view.direction_deg, 4)}°</span>"
         f"<span>{speed}</span>"
         + (f'<span title="slow/fast index: the fraction of the objective kept under a temporal-variation '
            f'penalty (high = slow)">slow/fast {view.slowness:.2f}</span>' if math.isfinite(view.slowness) else "")
         + f"<span>{_number(view.psnr)} dB</span>"
-        f"<span>objective {_number(view.objective)}</span>{links}</div></article>"
+        f"<span>objective {_number(view.objective)}</span>{links}</div>{_diverse_strip(view)}</article>"
     )
 
 
@@ -534,7 +535,7 @@ def layer_page(
                    'change over time; low = fast, it needs motion or flicker.' if slowfast else '')
                 + '</p>')
     if any(view.diverse_objective for view in kernels):
-        body.append('<p>Diverse optima: below each kernel\'s pictures, N videos that each maximise its objective '
+        body.append('<p>Diverse optima: below each kernel\'s summary, N videos that each maximise its objective '
                     'while a penalty pushes their activation patterns at the layer apart (docs/diversity.md), '
                     'side by side, each with its objective (unjittered) as a percentage of the best of them, then '
                     'the largest cosine between two optima\'s activation patterns (1: they excite the layer '

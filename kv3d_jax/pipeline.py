@@ -193,8 +193,7 @@ def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapp
                 record: KernelRecord) -> None:
     """Writes kernel ``(layer, channel)``'s pictures (SPEC §4) into ``folder`` from its ``arrays``,
     named by ``record`` (its refinement's and diverse optima's too, where the record has them). A failed
-    kernel's non-finite
-    values are drawn as 0."""
+    kernel's non-finite values are drawn as 0."""
     arrays = {name: np.nan_to_num(np.asarray(value, np.float32)) for name, value in arrays.items()}
     stem = writers.kernel_stem(model, layer, channel)
     valid = np.asarray(_read_out_support(arrays["static"], arrays["displacement"]))

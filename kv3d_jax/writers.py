@@ -164,7 +164,8 @@ STILL_FILES = ("static", "refined_static")
 
 def media_file(stem: str, kind: str, media: str) -> str:
     """The file name of one kernel's picture of ``kind`` (:data:`DECOMPOSITION_FILES`,
-    :data:`REFINEMENT_FILES`, :data:`ATTRIBUTION_FILES`, :data:`DIVERSITY_FILES`) when its moving pictures are written as ``media`` (:data:`MEDIA`):
+    :data:`REFINEMENT_FILES`, :data:`ATTRIBUTION_FILES`, :data:`DIVERSITY_FILES`) when its moving pictures are
+    written as ``media`` (:data:`MEDIA`):
     ``{stem}_{kind}.png`` for a still image (:data:`STILL_FILES`), else ``{stem}_{kind}.{media}``,
     e.g. ``media_file("m_conv1_3", "motion", "mp4") == "m_conv1_3_motion.mp4"``."""
     if media not in MEDIA:

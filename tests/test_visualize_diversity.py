@@ -169,7 +169,7 @@ def test_cli_visualize_offers_diversity_and_refuses_a_bad_count_in_one_line(caps
             cli.main(["visualize", "--diversity", bad])
         err = capsys.readouterr().err
         assert err.startswith("kv3d visualize: error: argument --diversity:") and err.count("\n") == 1, err
-        assert ("2 to 64 optima per channel" if bad != "x" else "write an integer") in err
+        assert ("2 to 64 optima per channel" if bad != "x" else "write a whole number") in err
 
 
 def test_the_diverse_strip_tiles_the_optima_with_white_gaps():

@@ -152,8 +152,7 @@ def test_check_memory_sizes_the_diverse_program_too():
     compiled = runner.compiled_chunk(problem, TINY_PARAMS, jnp.zeros((1,), jnp.int32), PLAIN.batch,
                                      runner.chunk_length(config.steps, config.chunk, problem, mesh), mesh)
     budget = int(distribute.analysis_undercount(mesh) * distribute.program_bytes(compiled))
-    pipeline.check_memory(TINY, TINY_PARAMS, PLAIN, ["b"], budget)
-    # The diverse program holds N videos per kernel: it does not fit where stage 1 just does.
+    # Stage 1's batch passes; the diverse program holds N videos per kernel: it does not fit.
     with pytest.raises(MemoryError, match="a batch of 2 kernels of tiny b with 2 diverse optima each needs .*"
                                           "a smaller --batch .* a smaller --diversity or --dtype bfloat16"):
         pipeline.check_memory(TINY, TINY_PARAMS, JOB, ["b"], budget)

@@ -51,8 +51,9 @@ MAX_VIDEO_PIXELS = 2**22
 MAX_VIDEO_FRAMES = 1024
 MAX_TOTAL_PIXELS = 2**24
 MAX_GIFS = 4096
-# `kv3d maximize --diversity`: the most optima per channel (each kernel holds all N videos in one batch).
-MAX_DIVERSITY = 64
+# `kv3d maximize --diversity` and `kv3d visualize --diversity`: the most optima per channel (each kernel
+# holds all N videos in one batch).
+MAX_DIVERSITY = job.MAX_DIVERSITY
 # GIF data blocks `kv3d decompose` walks through to count a GIF's frames (Pillow writes 255-byte
 # blocks: a GIF inside the pixel budget has a few tens of thousands).
 _MAX_GIF_BLOCKS = 2**20
@@ -179,6 +180,17 @@ def _penalty_weight(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid penalty weight {text[:40]!r}: write a number such as 3") from None
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"the penalty weight must be a finite number of at least 0, got {text[:40]}")
+    return value
+
+
+def _optima_count(text: str) -> int:
+    """``kv3d visualize --diversity N``: 0 (off) or an integer from 2 to :data:`MAX_DIVERSITY`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of optima {text[:40]!r}: write a whole number") from None
+    if value != 0 and not 2 <= value <= MAX_DIVERSITY:
+        raise argparse.ArgumentTypeError(f"takes 2 to {MAX_DIVERSITY} optima per channel (0: none), got {text[:40]}")
     return value
 
 
@@ -969,6 +981,11 @@ def _add_visualize(sub) -> None:
                    f"LAMBDA (default {slowfast.DEFAULT_WEIGHT:g}; 1/TV units) on the change between frames, and the "
                    "fraction of the objective it keeps (high = slow; Feichtenhofer et al.; docs/slowfast.md), in "
                    "each kernel record and the gallery; doubles stage 1's time; 0 (the default): off")
+    p.add_argument("--diversity", type=_optima_count, default=0, metavar="N",
+                   help=f"add N distinct optima per channel (2 to {MAX_DIVERSITY}), pushed apart by a penalty on "
+                   "alike activation patterns (docs/diversity.md), in each kernel record and side by side in the "
+                   "gallery; one stage 1 of N videos at once, so it adds about N times stage 1's time; 0 (the "
+                   "default): off")
     p.add_argument("--dtype", default="float32", choices=job.DTYPES,
                    help="dtype the model computes in (default float32; optimised videos stay float32)")
     p.add_argument("--memory-budget", type=float, metavar="GIB",
@@ -985,7 +1002,8 @@ def _run_visualize(args) -> int:
     the_job = job.Job.create(args.model, args.preset, args.steps, args.decompose_steps, seed=args.seed,
                              rectify=args.rectify, refine_steps=args.refine, refine_motion=args.refine_motion,
                              dtype=args.dtype, batch=args.batch, media=args.media,
-                             parameterization=args.parameterization, slowfast=args.slowfast)
+                             parameterization=args.parameterization, slowfast=args.slowfast,
+                             diversity=args.diversity)
     if not args.layer and args.layers is None and the_job.model != job.DEFAULT_MODEL:
         raise ValueError(f"choose layers of {the_job.model} with --layer L (repeatable) or --layers all; "
                          f"valid layers are: {', '.join(models.get(the_job.model).layers)}")

@@ -42,6 +42,8 @@ MEDIA = {
     "refined_static": "refined static",
     "refined_motion": "refined motion",
 }
+# A kernel's diverse optima side by side (a run with diverse optima): shown in a row of their own.
+DIVERSE = "diverse"
 # What a kernel card links to: media kind -> link text.
 LINKS = {"panel": "side by side", "deform": "static + motion", "refined_deform": "refined static + motion"}
 # Sortable summary fields: data attribute -> label.
@@ -54,7 +56,7 @@ FIELDS = {
     "reliability": "reliability",
 }
 # Sortable fields a page offers only when one of its kernels has a value for them: data attribute -> label.
-OPTIONAL_FIELDS = {"slowness": "slow/fast index"}
+OPTIONAL_FIELDS = {"slowness": "slow/fast index", "diverse_cosine": "diverse optima's largest cosine"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,10 @@ class KernelView:
       name: the channel's name (a classifier's class, ``VideoModel.names_of``), or ``""``.
       slowness: the slow/fast index (:mod:`kv3d_jax.slowfast`; dimensionless, high = slow), NaN where the
         run has none or it does not apply.
+      diverse_objective: ``(N,)`` the objective of each of the kernel's diverse optima (:mod:`kv3d_jax.diversity`,
+        drawn side by side as ``media[DIVERSE]``), or ``()`` for a run without them.
+      diverse_cosine: the largest pairwise cosine of the diverse optima's activation patterns (NaN: none).
+      diverse_failed: the diverse optima's run turned non-finite.
     """
 
     channel: int
@@ -92,6 +98,9 @@ class KernelView:
     failed: int = 0
     name: str = ""
     slowness: float = math.nan
+    diverse_objective: Sequence[float] = ()
+    diverse_cosine: float = math.nan
+    diverse_failed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +209,7 @@ form input[type=number]{width:5em}
 .media figure{margin:0;text-align:center;font-size:11px;color:#666}
 .media img,.media video{height:128px;width:auto;aspect-ratio:auto 1/1;image-rendering:pixelated;display:block}
 .media div.video{min-width:128px;height:128px}
+.media.diverse{margin-top:8px}
 .summary{display:flex;flex-wrap:wrap;gap:.2em .8em;align-items:center;margin-top:4px}
 .arrow{width:22px;height:22px}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}
@@ -441,6 +451,7 @@ def _kernel_card(view: KernelView) -> str:
         f'data-direction="{_attr(view.direction_deg)}" data-reliability="{_attr(view.reliability)}" '
         f'data-reliable="{int(view.reliable)}" data-dead="{int(view.dead)}" data-failed="{view.failed}" '
         f'data-slowness="{_attr(view.slowness)}"'
+        + (f' data-diverse_cosine="{_attr(view.diverse_cosine)}"' if view.diverse_objective else "")
     )
     classes = "kernel" + (" dead" if view.dead else "") + (" failed" if view.failed else "")
     speed = "speed ambiguous (aliased)" if view.aliased else f"{_number(view.speed)} px/frame"
@@ -453,8 +464,24 @@ def _kernel_card(view: KernelView) -> str:
         + (f'<span title="slow/fast index: the fraction of the objective kept under a temporal-variation '
            f'penalty (high = slow)">slow/fast {view.slowness:.2f}</span>' if math.isfinite(view.slowness) else "")
         + f"<span>{_number(view.psnr)} dB</span>"
-        f"<span>objective {_number(view.objective)}</span>{links}</div></article>"
+        f"<span>objective {_number(view.objective)}</span>{links}</div>{_diverse_strip(view)}</article>"
     )
+
+
+def _diverse_strip(view: KernelView) -> str:
+    """A kernel card's row of diverse optima: the side-by-side picture, each optimum's objective as a
+    percentage of the best, the largest pairwise cosine and the badge of :func:`_diverse_verdict`; empty
+    for a kernel without them."""
+    if not view.diverse_objective:
+        return ""
+    n = len(view.diverse_objective)
+    fractions, _, badge = _diverse_verdict(view.diverse_objective, view.diverse_cosine, view.diverse_failed)
+    shares = ", ".join(f'<span class="fraction">{_number(100 * f)} %</span>' for f in fractions)
+    picture = (_picture(view.media[DIVERSE], f"{n} diverse optima, channel {view.channel}")
+               if DIVERSE in view.media else "")
+    return (f'<div class="media diverse"><figure>{picture}<figcaption>{n} diverse optima: {shares} of the best'
+            f'</figcaption></figure></div><div class="summary">{badge}<span>max pairwise cosine '
+            f'<span class="cosine">{_cosine(view.diverse_cosine)}</span></span></div>')
 
 
 def layer_page(
@@ -465,7 +492,8 @@ def layer_page(
     index: str | None = "index.html",
 ) -> str:
     """The HTML of a layer page: ``figures`` (caption -> relative path), ``notes``, one card per kernel.
-    The slow/fast index is shown and sortable only when some kernel has one."""
+    The slow/fast index and the diverse optima's largest cosine are shown and sortable only when some kernel
+    has one."""
     offered = {key: label for key, label in OPTIONAL_FIELDS.items()
                if any(math.isfinite(getattr(v, key)) for v in kernels)}
     fields, slowfast = {**FIELDS, **offered}, "slowness" in offered
@@ -506,6 +534,12 @@ def layer_page(
                    'penalty on change between frames (Feichtenhofer et al.): near 1 = slow, it needs little '
                    'change over time; low = fast, it needs motion or flicker.' if slowfast else '')
                 + '</p>')
+    if any(view.diverse_objective for view in kernels):
+        body.append('<p>Diverse optima: below each kernel\'s summary, N videos that each maximise its objective '
+                    'while a penalty pushes their activation patterns at the layer apart (docs/diversity.md), '
+                    'side by side, each with its objective (unjittered) as a percentage of the best of them, then '
+                    'the largest cosine between two optima\'s activation patterns (1: they excite the layer '
+                    f'alike). {_DIVERSE_BADGES} “failed” = the diverse run turned non-finite.</p>')
     if any("attribution" in view.media for view in kernels):
         body.append('<p>Attribution (MACO): the optimal video seen through its attribution map, opaque where '
                     'the objective draws on the video (|∂objective/∂pixel| summed over 8 noisy, jittered '
@@ -568,35 +602,58 @@ class DiverseView:
     name: str = ""
 
 
-def _diverse_row(view: DiverseView) -> str:
-    finite = all(math.isfinite(x) for x in view.objective)
-    best = max(view.objective) if finite else math.nan
+def _diverse_verdict(objective: Sequence[float], max_cosine: float, failed: bool) -> tuple[list[float], bool, str]:
+    """How a kernel's N diverse optima compare, from their objectives ``(N,)``, the largest pairwise cosine
+    of their activation patterns and whether their run ``failed``: each objective as a fraction of the best
+    (NaN when none is above 0 or one is not finite), whether they are distinct (every cosine at most
+    :data:`DISTINCT_COSINE`, every optimum at least :data:`DISTINCT_FRACTION` of the best) and the badge's
+    HTML: failed, dead (no optimum above 0), distinct or alike."""
+    finite = all(math.isfinite(x) for x in objective)
+    best = max(objective) if finite else math.nan
     # No optimum above 0 (or a non-finite one): a share of the best means nothing.
     dead = finite and best <= 0
-    fractions = [x / best if best > 0 else math.nan for x in view.objective]
-    figures = "".join(
-        f'<figure>{_picture(path, f"optimum {i}, channel {view.channel}")}<figcaption>optimum {i}: '
-        f'<span class="objective">{_number(x)}</span> (<span class="fraction">{_number(100 * f)} %</span> '
-        "of the best)</figcaption></figure>"
-        for i, (path, x, f) in enumerate(zip(view.media, view.objective, fractions)))
-    distinct = (not view.failed and view.max_cosine <= DISTINCT_COSINE
-                and all(f >= DISTINCT_FRACTION for f in fractions))
-    # Two decimals, so a cosine just above the bound does not read as the bound itself.
-    cosine = f"{view.max_cosine:.2f}" if math.isfinite(view.max_cosine) else "–"
-    if view.failed:
+    fractions = [x / best if best > 0 else math.nan for x in objective]
+    distinct = not failed and max_cosine <= DISTINCT_COSINE and all(f >= DISTINCT_FRACTION for f in fractions)
+    if failed:
         badge = '<span class="badge failed">failed</span>'
     elif dead:
         badge = '<span class="badge dead">dead</span>'
     else:
         badge = (f'<span class="badge {"reliable" if distinct else "unreliable"}">'
                  f'{"distinct" if distinct else "alike"}</span>')
+    return fractions, distinct, badge
+
+
+def _cosine(max_cosine: float) -> str:
+    # Two decimals, so a cosine just above the bound does not read as the bound itself.
+    return f"{max_cosine:.2f}" if math.isfinite(max_cosine) else "–"
+
+
+def _lowest(fractions: Sequence[float]) -> str:
+    """The weakest optimum's share of the best, in %."""
+    return _number(100 * min(fractions) if all(math.isfinite(f) for f in fractions) else math.nan)
+
+
+# What a diverse optima badge means, on every page that shows one.
+_DIVERSE_BADGES = (f"“distinct” = every cosine at most {DISTINCT_COSINE:g} and every optimum at least "
+                   f"{100 * DISTINCT_FRACTION:g} % of the best; “alike” otherwise; “dead” = no optimum reaches a "
+                   "positive objective.")
+
+
+def _diverse_row(view: DiverseView) -> str:
+    fractions, distinct, badge = _diverse_verdict(view.objective, view.max_cosine, view.failed)
+    figures = "".join(
+        f'<figure>{_picture(path, f"optimum {i}, channel {view.channel}")}<figcaption>optimum {i}: '
+        f'<span class="objective">{_number(x)}</span> (<span class="fraction">{_number(100 * f)} %</span> '
+        "of the best)</figcaption></figure>"
+        for i, (path, x, f) in enumerate(zip(view.media, view.objective, fractions)))
     return (
         f'<article class="kernel" id="channel-{view.channel}" data-channel="{view.channel}" '
         f'data-max-cosine="{_attr(view.max_cosine)}" data-distinct="{int(distinct)}">'
         f'<div class="media">{figures}</div><div class="summary"><b>#{view.channel}</b>'
         f'{f"<b>{html.escape(view.name)}</b>" if view.name else ""}{badge}'
-        f'<span>max pairwise cosine <span class="cosine">{cosine}</span></span>'
-        f"<span>lowest optimum {_number(100 * min(fractions) if best > 0 else math.nan)} % of the best</span>"
+        f'<span>max pairwise cosine <span class="cosine">{_cosine(view.max_cosine)}</span></span>'
+        f"<span>lowest optimum {_lowest(fractions)} % of the best</span>"
         "</div></article>"
     )
 
@@ -612,9 +669,7 @@ def diversity_page(title: str, kernels: Sequence[DiverseView], notes: Sequence[s
         "<p>Per channel: its optima side by side, each with its objective (the channel's mean activation, "
         "without jitter) and that as a percentage of the best of them; then the largest cosine between two "
         "optima's activation patterns at the layer (1: they excite the layer alike). "
-        f"“distinct” = every cosine at most {DISTINCT_COSINE:g} and every optimum at least "
-        f"{100 * DISTINCT_FRACTION:g} % of the best; “alike” otherwise; “dead” = no optimum reaches a positive "
-        "objective.</p>")
+        f"{_DIVERSE_BADGES}</p>")
     body.append('<div id="kernels">' + "\n".join(_diverse_row(v) for v in kernels) + "</div>")
     return _page(title, "\n".join(body))
 

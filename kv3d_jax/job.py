@@ -39,7 +39,9 @@ DEFAULT_BATCH = 8
 # Settings added after run folders were first written, with the value that means "not used": a
 # run.json records one only when it is used, and one that lacks it reads back as not using it, so
 # folders written before the setting existed open, resume and draw as they did.
-LATER_SETTINGS = {"slowfast": 0.0}
+LATER_SETTINGS = {"slowfast": 0.0, "diversity": 0}
+# The most diverse optima per kernel (each kernel holds all N videos in one batch).
+MAX_DIVERSITY = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,9 @@ class Job:
       slowfast: the temporal-variation penalty weight λ (1/TV units, :mod:`kv3d_jax.slowfast`) of each
         kernel's slow/fast index, its stage-1 objective under that penalty over its unpenalised one
         (high = slow); 0 computes no index. The penalised run is a second stage 1 of ``steps`` steps.
+      diversity: N diverse optima per kernel (:mod:`kv3d_jax.diversity`, its default settings), 2 to
+        :data:`MAX_DIVERSITY`, drawn side by side in the gallery; 0 computes none. The diverse run is a
+        stage 1 of ``steps`` steps for N videos at once, so it costs about N stage-1 runs.
     """
 
     model: str
@@ -88,6 +93,7 @@ class Job:
     media: str = MEDIA[0]
     parameterization: str = "pixel"
     slowfast: float = LATER_SETTINGS["slowfast"]
+    diversity: int = LATER_SETTINGS["diversity"]
 
     def __post_init__(self):
         get_preset(self.preset)
@@ -100,6 +106,10 @@ class Job:
                 or not 0 <= self.slowfast < float("inf")):
             raise ValueError(f"slowfast must be a penalty weight of at least 0 (0: no slow/fast index), got "
                              f"{self.slowfast!r}")
+        if (not isinstance(self.diversity, numbers.Integral) or isinstance(self.diversity, bool)
+                or not (self.diversity == 0 or 2 <= self.diversity <= MAX_DIVERSITY)):
+            raise ValueError(f"diversity must be 0 (no diverse optima) or 2 to {MAX_DIVERSITY} optima per kernel, got "
+                             f"{self.diversity!r}")
         if not isinstance(self.seed, numbers.Integral) or not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
         for name, valid in (("refine_motion", MOTIONS), ("dtype", DTYPES), ("media", MEDIA),
@@ -160,7 +170,8 @@ class Job:
     def record(self, model) -> KernelRecord:
         """What is stored and drawn for each kernel of this job on ``model``."""
         return KernelRecord(self.video_shape(model), self.refine_steps > 0, self.media,
-                            attribution=self.parameterization == "maco", slowfast=self.slowfast > 0)
+                            attribution=self.parameterization == "maco", slowfast=self.slowfast > 0,
+                            diversity=self.diversity)
 
     def config(self, model) -> dict:
         """What ``run.json`` records: every field (those of :data:`LATER_SETTINGS` only when used), the
@@ -176,16 +187,23 @@ class Job:
         rectified = ", rectified" if self.rectified(model, layer) else ""
         rectified += f", {self.parameterization} parameterization" if self.parameterization != "pixel" else ""
         slowfast = f", slow/fast index at λ = {self.slowfast:g}" if self.slowfast else ""
+        diverse = f", {self.diversity} diverse optima" if self.diversity else ""
         return (f"{self.preset} preset{rectified}, {self.steps} stage-1 steps, {self.decompose_steps} "
-                f"decomposition steps{refined}{slowfast}, seed {self.seed}")
+                f"decomposition steps{refined}{slowfast}{diverse}, seed {self.seed}")
 
     def slowfast_steps(self) -> int:
         """Steps of the penalised stage 1 of the slow/fast index: stage 1's, or 0 without the index."""
         return self.steps if self.slowfast else 0
 
+    def diversity_steps(self) -> int:
+        """What the diverse run costs, in stage-1 steps of one video: N optima of ``steps`` steps each (every
+        step runs the model on all N), ``diversity × steps``; 0 without diverse optima."""
+        return self.diversity * self.steps
+
     def steps_per_kernel(self) -> int:
-        """Optimisation steps every kernel goes through, all stages together."""
-        return self.steps + self.decompose_steps + self.refine_steps + self.slowfast_steps()
+        """Optimisation steps every kernel goes through, all stages together, the diverse run's counted as
+        one step per optimum per step (:meth:`diversity_steps`), what it costs."""
+        return self.steps + self.decompose_steps + self.refine_steps + self.slowfast_steps() + self.diversity_steps()
 
 
 def layers(model, names=None, every: bool = False) -> tuple[str, ...]:

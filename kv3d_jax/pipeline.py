@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kv3d_jax import distribute, gallery, maximization, plan, reliability, runner, slowfast, writers
+from kv3d_jax import distribute, diversity, gallery, maximization, plan, reliability, runner, slowfast, writers
 from kv3d_jax.decomposition import decompose
 from kv3d_jax.job import Job
 from kv3d_jax.maximization import maximize
@@ -50,8 +50,8 @@ _BORDER = 2
 
 Log = Callable[[str], None]
 # progress(layer, done, total, stage): ``done`` of the ``total`` steps of this process's units of
-# ``layer`` (every unit's stage-1, stage-2, stage-3 and slow/fast steps) are finished; ``stage`` is
-# running (4: the penalised stage 1 of the slow/fast index).
+# ``layer`` (every unit's stage-1, stage-2, stage-3, slow/fast and diverse steps, :meth:`Job.steps_per_kernel`)
+# are finished; ``stage`` is running (4: the penalised stage 1 of the slow/fast index; 5: the diverse optima).
 Progress = Callable[[str, int, int, int], None]
 
 
@@ -101,17 +101,21 @@ def layer_key(seed: int, layer: str) -> jax.Array:
 
 def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
                   progress=None) -> dict[int, dict[str, np.ndarray]]:
-    """Stage 1, stage 2, the motion read-out (and stage 3, and the slow/fast index) of ``channels`` of
-    ``layer``: ``{channel: arrays}`` with the arrays of ``job.record(model).arrays()``.
+    """Stage 1, stage 2, the motion read-out (and stage 3, the slow/fast index and the diverse optima) of
+    ``channels`` of ``layer``: ``{channel: arrays}`` with the arrays of ``job.record(model).arrays()``.
 
     Stage 1 folds each channel into ``fold_in(layer key, 1)``; stage 2 gets
     ``fold_in(fold_in(layer key, 2), channel)`` per kernel; stage 3 starts from stage 2's
     result with ``fold_in(layer key, 3)``; the slow/fast index's penalised stage 1
     (:func:`kv3d_jax.slowfast.penalised`, weight ``job.slowfast``) uses stage 1's keys, so each
     kernel's penalised run is paired with its stage 1, whose objective is the index's unpenalised
-    one. Every stage runs ``job.batch`` kernels per device.
-    ``progress(stage, done, total)`` is called as steps finish. A record's ``failed`` is 0, or
-    the number of the first stage whose result for the kernel is not finite; its trust fields
+    one. The ``job.diversity`` diverse optima (:func:`kv3d_jax.diversity.maximize_diverse`, its default
+    settings, stage 1's config) fold each channel into ``fold_in(layer key, 6)``. Every stage runs
+    ``job.batch`` kernels per device.
+    ``progress(stage, done, total)`` is called as steps finish (stage 4: the slow/fast index's run, 5:
+    the diverse optima's). A record's ``failed`` is 0, or the number of the first of stages 1-3 whose
+    result for the kernel is not finite; a kernel whose slow/fast or diverse run is not finite has NaN
+    in that run's arrays instead (its stages 1-3 are still worth showing); its trust fields
     come from :func:`kv3d_jax.motion.motion_summary` with stage 1's objective against random
     videos drawn with ``fold_in(layer key, 4)``. A record with attribution maps gets each
     kernel's from ``fold_in(fold_in(layer key, 5), channel)``.
@@ -165,6 +169,15 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
             callback=report(4), **common)
         arrays["slowness"] = slowfast.slowness(np.stack([np.asarray(stage1.objective), penalised], axis=1),
                                                np.stack([np.asarray(stage1.failed), penalised_failed], axis=1))
+    if job.diversity:
+        diverse = diversity.maximize_diverse(model, params, layer, channels, job.diversity, config=config,
+                                             key=jax.random.fold_in(key, 6), callback=report(5), share=False,
+                                             **common)
+        # A failed kernel's diverse arrays are NaN whole, so that its record says so by itself.
+        bad = np.asarray(diverse.failed)
+        arrays.update({f"diverse_{name}": np.where(bad.reshape(-1, *[1] * (np.ndim(value) - 1)), np.nan, value)
+                       for name, value in (("video", diverse.videos), ("objective", diverse.objective),
+                                           ("cosine", diverse.cosine))})
     arrays["failed"] = failed
     arrays = record.stored(arrays)
     return {c: {name: value[i] for name, value in arrays.items()} for i, c in enumerate(channels)}
@@ -179,8 +192,8 @@ def _read_out_support(static, displacement):
 def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapping[str, np.ndarray],
                 record: KernelRecord) -> None:
     """Writes kernel ``(layer, channel)``'s pictures (SPEC §4) into ``folder`` from its ``arrays``,
-    named by ``record`` (its refinement's too, for a refined record). A failed kernel's non-finite
-    values are drawn as 0."""
+    named by ``record`` (its refinement's and diverse optima's too, where the record has them). A failed
+    kernel's non-finite values are drawn as 0."""
     arrays = {name: np.nan_to_num(np.asarray(value, np.float32)) for name, value in arrays.items()}
     stem = writers.kernel_stem(model, layer, channel)
     valid = np.asarray(_read_out_support(arrays["static"], arrays["displacement"]))
@@ -193,6 +206,8 @@ def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapp
         valid = np.asarray(_read_out_support(arrays["refined_static"], arrays["refined_displacement"]))
         written.update(writers.save_refinement(folder, stem, arrays["refined_video"], arrays["refined_static"],
                                                arrays["refined_displacement"], valid=valid, media=record.media))
+    if record.diversity:
+        written.update(writers.save_diverse(folder, stem, arrays["diverse_video"], media=record.media))
     names = record.files(model, layer, channel)
     if {kind: path.name for kind, path in written.items()} != names:
         raise RuntimeError(f"the writers named their files {written}, not {names}")
@@ -201,7 +216,7 @@ def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapp
 def _stage_progress(layer: str, units: int, job: Job, progress: Progress) -> Callable:
     """``advance(unit_index)`` → the ``(stage, done, total)`` callback of :func:`compute_chunk` that
     reports on ``progress`` over all ``units`` units of ``layer``."""
-    lengths = (job.steps, job.decompose_steps, job.refine_steps, job.slowfast_steps())
+    lengths = (job.steps, job.decompose_steps, job.refine_steps, job.slowfast_steps(), job.diversity_steps())
     per_unit = sum(lengths)
 
     def advance(index: int):
@@ -214,30 +229,40 @@ def _stage_progress(layer: str, units: int, job: Job, progress: Progress) -> Cal
 
 
 def kernel_flops(model, params, job: Job, layers: Sequence[str]) -> dict[str, float]:
-    """Estimated FLOPs of one kernel of each of ``layers``: its stage-1, stage-3 and slow/fast steps
-    (:func:`kv3d_jax.plan.stage1_step_flops`); stage 2 does not touch the model and costs the
-    same for every layer of a job."""
-    steps = job.steps + job.refine_steps + job.slowfast_steps()
+    """Estimated FLOPs of one kernel of each of ``layers``: its stage-1, stage-3, slow/fast and diverse
+    steps (:func:`kv3d_jax.plan.stage1_step_flops`, one per optimum per diverse step); stage 2 does not
+    touch the model and costs the same for every layer of a job."""
+    steps = job.steps + job.refine_steps + job.slowfast_steps() + job.diversity_steps()
     return {layer: steps * plan.stage1_step_flops(model, params, layer, job.stage1(model, layer), job.dtype)
             for layer in layers}
 
 
 def check_memory(model, params, job: Job, layers: Sequence[str], budget: int) -> None:
     """Raises MemoryError if a stage-1 batch of ``job.batch`` kernels per device of any of ``layers``
-    needs more than ``budget`` bytes per device (XLA's memory analysis, scaled on CPU by
+    (or, with diverse optima, a batch of the diverse run, ``job.diversity`` videos per kernel) needs more
+    than ``budget`` bytes per device (XLA's memory analysis, scaled on CPU by
     :func:`kv3d_jax.distribute.analysis_undercount`), naming the layer and the fix."""
     mesh = distribute.kernel_mesh()
+    dtype = jnp.dtype(job.dtype)
     for layer in layers:
         config = job.stage1(model, layer)
-        problem = maximization.problem(model, layer, config, job.video_shape(model), jnp.dtype(job.dtype))
-        length = runner.chunk_length(config.steps, config.chunk, problem, mesh)
-        compiled = runner.compiled_chunk(problem, params, jnp.zeros((1,), jnp.int32), job.batch, length, mesh,
-                                         jnp.dtype(job.dtype))
-        used = distribute.analysis_undercount(mesh) * distribute.program_bytes(compiled)
-        if used > budget:
-            raise MemoryError(f"a batch of {job.batch} kernels of {model.name} {layer} needs {used / 2**30:.2f} GiB "
-                              f"per device, over the budget of {budget / 2**30:.2f} GiB; use a smaller --batch "
-                              "(it is part of the run's settings) or --dtype bfloat16")
+        programs = {"": maximization.problem(model, layer, config, job.video_shape(model), dtype)}
+        if job.diversity:
+            # The arguments maximize_diverse builds its problem with, so the compiled program is the run's.
+            programs[f" with {job.diversity} diverse optima each"] = diversity.problem(
+                model, layer, config, job.video_shape(model), job.diversity, float(diversity.DEFAULT_WEIGHT),
+                diversity.DEFAULT_PATTERN, dtype, float(diversity.DEFAULT_MARGIN),
+                float(diversity.DEFAULT_TEMPERATURE), float(diversity.DEFAULT_WARMUP))
+        for what, problem in programs.items():
+            length = runner.chunk_length(config.steps, config.chunk, problem, mesh)
+            compiled = runner.compiled_chunk(problem, params, jnp.zeros((1,), jnp.int32), job.batch, length, mesh,
+                                             dtype)
+            used = distribute.analysis_undercount(mesh) * distribute.program_bytes(compiled)
+            if used > budget:
+                fix = ", a smaller --diversity" if what else ""
+                raise MemoryError(f"a batch of {job.batch} kernels of {model.name} {layer}{what} needs "
+                                  f"{used / 2**30:.2f} GiB per device, over the budget of {budget / 2**30:.2f} GiB; "
+                                  f"use a smaller --batch (it is part of the run's settings){fix} or --dtype bfloat16")
 
 
 def _duration(seconds: float) -> str:
@@ -249,8 +274,8 @@ def _duration(seconds: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class Speed:
     """What a process measured on its first units: seconds per FLOP of the stages that run the
-    model (1, 3 and the slow/fast index's) and seconds per kernel of everything else (stage 2, the
-    read-out, the pictures, the store), which costs the same for every layer of a job."""
+    model (1, 3, the slow/fast index's and the diverse optima's) and seconds per kernel of everything
+    else (stage 2, the read-out, the pictures, the store), which costs the same for every layer of a job."""
 
     per_flop: float
     per_kernel: float
@@ -277,9 +302,9 @@ def plan_table(model, job: Job, pending: Mapping[str, Sequence[int]], flops: Map
 
 
 class _Clock:
-    """Seconds spent in the stages that run the model (1, 3 and 4, the slow/fast index's) and in all,
-    from the progress callbacks of :func:`compute_chunk` (each chunk's time goes to the stage it
-    reports)."""
+    """Seconds spent in the stages that run the model (1, 3, 4 and 5: the slow/fast index's and the diverse
+    optima's) and in all, from the progress callbacks of :func:`compute_chunk` (each chunk's time goes to
+    the stage it reports)."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -290,7 +315,7 @@ class _Clock:
 
     def tick(self, stage: int) -> None:
         now = time.perf_counter()
-        if stage in (1, 3, 4):
+        if stage in (1, 3, 4, 5):
             self.model += now - self.last
         self.last = now
 

@@ -30,7 +30,8 @@ REFINED = ("video", "static", "displacement", "objective", "direction_deg", "spe
 # The arrays stored as float16: pictures in [0, 1] (to 2.4e-4) and displacements in px (to 1/2048
 # of their size, 0.005 px at 10 px), for a record a fifth of float32's. Summaries are computed
 # from the float32 results before they are stored, and stay float32.
-HALF = ("video", "static", "displacement", "refined_video", "refined_static", "refined_displacement")
+HALF = ("video", "static", "displacement", "refined_video", "refined_static", "refined_displacement",
+        "diverse_video")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,11 @@ class KernelRecord:
         :func:`kv3d_jax.maximization.attribution`) and the video drawn through it.
       slowfast: whether the run computes each kernel's slow/fast index, stored as ``slowness``
         (float32 ``()``, dimensionless, high = slow; NaN where it does not apply, :mod:`kv3d_jax.slowfast`).
+      diversity: N, the diverse optima of each kernel (:mod:`kv3d_jax.diversity`), or 0 for none. With
+        N: ``diverse_video`` ``(N, T, H, W, 3)`` (each min–max normalised to [0, 1]), ``diverse_objective``
+        ``(N,)`` (each optimum's unjittered objective) and ``diverse_cosine`` ``(N, N)`` (the cosines of
+        their activation patterns, :attr:`kv3d_jax.diversity.DiverseResult.cosine`); all three NaN for a
+        kernel whose diverse run turned non-finite (its ``failed`` counts stages 1-3 only).
     """
 
     shape: tuple[int, int, int]
@@ -53,6 +59,7 @@ class KernelRecord:
     media: str = MEDIA[0]
     attribution: bool = False
     slowfast: bool = False
+    diversity: int = 0
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name → (shape, dtype) of every array stored for a kernel: :data:`HALF` float16, the rest
@@ -71,6 +78,9 @@ class KernelRecord:
             shapes["attribution"] = (t, h, w)
         if self.slowfast:
             shapes["slowness"] = ()
+        if self.diversity:
+            n = self.diversity
+            shapes.update(diverse_video=(n, t, h, w, 3), diverse_objective=(n,), diverse_cosine=(n, n))
         return {name: (shape, "float16" if name in HALF else "float32") for name, shape in shapes.items()}
 
     def stored(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -85,9 +95,11 @@ class KernelRecord:
     def kinds(self) -> tuple[str, ...]:
         """The kinds of picture drawn for a kernel (:data:`kv3d_jax.writers.DECOMPOSITION_FILES`,
         :data:`kv3d_jax.writers.REFINEMENT_FILES` for a refined run and
-        :data:`kv3d_jax.writers.ATTRIBUTION_FILES` for one with attribution maps)."""
+        :data:`kv3d_jax.writers.ATTRIBUTION_FILES` for one with attribution maps,
+        :data:`kv3d_jax.writers.DIVERSITY_FILES` for one with diverse optima)."""
         return (writers.DECOMPOSITION_FILES + (writers.REFINEMENT_FILES if self.refined else ())
-                + (writers.ATTRIBUTION_FILES if self.attribution else ()))
+                + (writers.ATTRIBUTION_FILES if self.attribution else ())
+                + (writers.DIVERSITY_FILES if self.diversity else ()))
 
     def files(self, model: str, layer: str, channel: int) -> dict[str, str]:
         """Kind → file name of every picture of kernel ``(layer, channel)`` of ``model``."""
@@ -104,7 +116,18 @@ class KernelRecord:
             reliability=float(arrays["reliability"]), reliable=bool(arrays["reliable"]), dead=bool(arrays["dead"]),
             aliased=bool(arrays["aliased"]), failed=int(arrays["failed"]), name=name,
             slowness=float(arrays["slowness"]) if self.slowfast else float("nan"),
+            **(_diverse_view(arrays) if self.diversity else {}),
         )
+
+
+def _diverse_view(arrays: Mapping[str, np.ndarray]) -> dict:
+    """The :class:`kv3d_jax.gallery.KernelView` fields of a record's diverse optima: their objectives, the
+    largest cosine between two of them, and whether the diverse run failed (its arrays are NaN)."""
+    objective = np.asarray(arrays["diverse_objective"], np.float64)
+    cosine = np.asarray(arrays["diverse_cosine"], np.float64)
+    off_diagonal = cosine[~np.eye(len(cosine), dtype=bool)]
+    return dict(diverse_objective=tuple(float(x) for x in objective), diverse_cosine=float(off_diagonal.max()),
+                diverse_failed=not np.all(np.isfinite(objective)))
 
 
 @jax.jit

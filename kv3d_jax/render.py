@@ -123,6 +123,18 @@ def panel(video, static, velocity, reconstruction, max_speed: float | None = Non
     return with_legend(np.concatenate(parts, axis=2), min(h, max(8, min(h, w) // 2)))
 
 
+def side_by_side(videos, gap: int = 2) -> np.ndarray:
+    """N videos ``(N, T, H, W, 3)`` in [0, 1] tiled along the width, per frame, with ``gap`` px white
+    columns between them: ``(T, H, N·W + (N-1)·gap, 3)``."""
+    videos = np.asarray(videos, np.float32)
+    if videos.ndim != 5 or videos.shape[-1] != 3 or len(videos) == 0:
+        raise ValueError(f"side_by_side needs videos (N, T, H, W, 3) with N >= 1, got {videos.shape}")
+    _, t, h, _, _ = videos.shape
+    white = np.ones((t, h, gap, 3), np.float32)
+    parts = [part for video in videos for part in (white, video)][1:]
+    return np.concatenate(parts, axis=2)
+
+
 def transparency(video, attribution, quantile: float = 0.99, background: float = 1.0) -> np.ndarray:
     """``video`` ``(T, H, W, 3)`` seen through its attribution map ``(T, H, W)``: ``(T, H, W, 3)`` in [0, 1].
 

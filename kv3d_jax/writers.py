@@ -157,18 +157,20 @@ def save_png(path, image) -> Path:
 DECOMPOSITION_FILES = ("stage1", "static", "deform", "motion", "recon", "panel")
 REFINEMENT_FILES = ("refined_video", "refined_static", "refined_deform", "refined_motion")
 ATTRIBUTION_FILES = ("attribution",)
+DIVERSITY_FILES = ("diverse",)
 # The kinds that are still images, written as PNG whatever the media of the moving ones.
 STILL_FILES = ("static", "refined_static")
 
 
 def media_file(stem: str, kind: str, media: str) -> str:
     """The file name of one kernel's picture of ``kind`` (:data:`DECOMPOSITION_FILES`,
-    :data:`REFINEMENT_FILES`, :data:`ATTRIBUTION_FILES`) when its moving pictures are written as ``media`` (:data:`MEDIA`):
+    :data:`REFINEMENT_FILES`, :data:`ATTRIBUTION_FILES`, :data:`DIVERSITY_FILES`) when its moving pictures are
+    written as ``media`` (:data:`MEDIA`):
     ``{stem}_{kind}.png`` for a still image (:data:`STILL_FILES`), else ``{stem}_{kind}.{media}``,
     e.g. ``media_file("m_conv1_3", "motion", "mp4") == "m_conv1_3_motion.mp4"``."""
     if media not in MEDIA:
         raise ValueError(f"media must be one of {', '.join(MEDIA)}; got {media!r}")
-    kinds = DECOMPOSITION_FILES + REFINEMENT_FILES + ATTRIBUTION_FILES
+    kinds = DECOMPOSITION_FILES + REFINEMENT_FILES + ATTRIBUTION_FILES + DIVERSITY_FILES
     if kind not in kinds:
         raise ValueError(f"no picture of kind {kind!r}; the kinds are " + ", ".join(kinds))
     return f"{stem}_{kind}.{'png' if kind in STILL_FILES else media}"
@@ -258,3 +260,11 @@ def save_attribution(out_dir, stem: str, video, attribution, fps: float = 8.0, m
     paths = _paths(out_dir, stem, ATTRIBUTION_FILES, media)
     return {"attribution": save_video(paths["attribution"], render.transparency(video, attribution), fps)}
 
+
+
+def save_diverse(out_dir, stem: str, videos, fps: float = 8.0, media: str = "gif") -> dict[str, Path]:
+    """Writes one kernel's N diverse optima ``videos`` ``(N, T, H, W, 3)`` in [0, 1] side by side
+    (:func:`kv3d_jax.render.side_by_side`, 2 px white gaps: T frames of H×(N·W + 2(N-1))) as
+    ``out_dir/{stem}_diverse.{media}`` (:func:`media_file`). Returns ``{"diverse": path}``."""
+    paths = _paths(out_dir, stem, DIVERSITY_FILES, media)
+    return {"diverse": save_video(paths["diverse"], render.side_by_side(videos), fps)}

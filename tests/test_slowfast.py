@@ -5,7 +5,6 @@ the index and its agreement with grating TF preference, `kv3d tuning --slowfast`
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import jax
@@ -15,7 +14,6 @@ import pytest
 
 from kv3d_jax import cli, gallery, job, maximization, pipeline, runner, slowfast
 from kv3d_jax.maximization import PRESETS
-from kv3d_jax.store import Store, StoreError
 
 from tiny_model import tiny
 
@@ -206,19 +204,9 @@ def test_penalised_at_a_grid_weight_is_measures_column_bit_for_bit(grid):
         slowfast.penalised(TINY, TINY_PARAMS, "b", [0], 0.0, config=CONFIG)
 
 
-def test_the_setting_is_recorded_only_when_used_so_older_run_folders_still_open(tmp_path):
+def test_the_setting_is_described_counted_and_checked():
+    # That run.json records it only when used, and old folders open: test_store.py, test_a_later_setting_*.
     off = dataclasses.replace(SWEEP_JOB, slowfast=0.0)
-    config = json.loads(json.dumps(off.config(TINY)))
-    assert "slowfast" not in config and job.Job.from_config(config) == off
-    on = json.loads(json.dumps(SWEEP_JOB.config(TINY)))
-    assert on["slowfast"] == 1000.0 and job.Job.from_config(on) == SWEEP_JOB
-    # A folder whose run.json predates the setting opens for the same job without the index ...
-    Store.open(tmp_path, config, "checksum").close()
-    with Store.open(tmp_path, off.config(TINY), "checksum"):
-        pass
-    # ... and not for one with it, whose records hold more.
-    with pytest.raises(StoreError, match="slowfast: '\\(not set\\)' there, 1000.0 now"):
-        Store.open(tmp_path, SWEEP_JOB.config(TINY), "checksum")
     assert "slow/fast index at λ = 1000" in SWEEP_JOB.describe(TINY, "b")
     assert SWEEP_JOB.steps_per_kernel() == off.steps_per_kernel() + SWEEP_JOB.steps
     for bad in (-1.0, math.inf, math.nan, True, "3"):

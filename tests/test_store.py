@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
 
+from kv3d_jax import job
 from kv3d_jax import store as store_lib
 from kv3d_jax.store import Store, StoreError
+
+from tiny_model import tiny
 
 SCHEMA = {"video": ((2, 4, 4, 3), "float32"), "objective": ((), "float32")}
 CONFIG = {"model": "m", "steps": 3, "shape": (2, 4, 4)}
@@ -186,3 +190,21 @@ def test_entries_that_are_no_layer_folder_are_reported(run):
     problems = run.foreign_entries(("conv1", "conv2"))
     assert [(p.path.name, p.action) for p in problems] == [("conv9", "ignored"), ("list.txt", "ignored")]
     assert (run.root / "kernels" / "list.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("setting, value, shown", [("slowfast", 1000.0, "1000.0"), ("diversity", 2, "2")])
+def test_a_later_setting_is_recorded_only_when_used_so_older_run_folders_still_open(tmp_path, setting, value, shown):
+    model, _ = tiny((4, 8, 8), features=3)
+    off = job.Job(model="tiny", preset="native", steps=4, decompose_steps=2)
+    on = dataclasses.replace(off, **{setting: value})
+    old = json.loads(json.dumps(off.config(model)))
+    assert setting not in old and job.Job.from_config(old) == off
+    recorded = json.loads(json.dumps(on.config(model)))
+    assert recorded[setting] == value and job.Job.from_config(recorded) == on
+    # A folder whose run.json predates the setting opens for the same job without it ...
+    Store.open(tmp_path, old, "checksum").close()
+    with Store.open(tmp_path, off.config(model), "checksum"):
+        pass
+    # ... and not for one with it, whose records hold more.
+    with pytest.raises(StoreError, match=f"{setting}: '\\(not set\\)' there, {shown} now"):
+        Store.open(tmp_path, on.config(model), "checksum")

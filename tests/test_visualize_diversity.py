@@ -4,7 +4,6 @@ gallery; per-kernel independence, failures, older run folders and the command li
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 
 import jax
@@ -14,7 +13,6 @@ import pytest
 from PIL import Image
 
 from kv3d_jax import cli, distribute, diversity, gallery, job, maximization, pipeline, record, render, runner
-from kv3d_jax.store import Store, StoreError
 
 from tiny_model import tiny
 
@@ -124,18 +122,8 @@ def test_a_failed_diverse_run_is_recorded_for_its_kernel_alone(run, monkeypatch,
         assert np.all(np.isnan(value)) if name in DIVERSE else _same(value, records[0][name]), name
 
 
-def test_the_setting_is_recorded_only_when_used_so_older_run_folders_still_open(tmp_path):
-    old = json.loads(json.dumps(PLAIN.config(TINY)))
-    assert "diversity" not in old and job.Job.from_config(old) == PLAIN
-    on = json.loads(json.dumps(JOB.config(TINY)))
-    assert on["diversity"] == 2 and job.Job.from_config(on) == JOB
-    # A folder whose run.json predates the setting opens for the same job without diverse optima ...
-    Store.open(tmp_path, old, "checksum").close()
-    with Store.open(tmp_path, PLAIN.config(TINY), "checksum"):
-        pass
-    # ... and not for one with them, whose records hold more.
-    with pytest.raises(StoreError, match="diversity: '\\(not set\\)' there, 2 now"):
-        Store.open(tmp_path, JOB.config(TINY), "checksum")
+def test_the_setting_is_described_counted_and_checked():
+    # That run.json records it only when used, and old folders open: test_store.py, test_a_later_setting_*.
     assert "2 diverse optima" in JOB.describe(TINY, "b") and "diverse" not in PLAIN.describe(TINY, "b")
     # Two optima of stage 1's steps cost two stage-1 runs.
     assert JOB.steps_per_kernel() == PLAIN.steps_per_kernel() + 2 * JOB.steps

@@ -21,6 +21,14 @@ not meet it).
     options:   "w" the penalty's weight; "ramp" the fraction of the steps over which it ramps in;
                "wscale" 1: the weight times stop_gradient(mean_i |v_i|); "pattern" flat, gram or cov
                (the Gram matrix of the activation less each channel's space-time mean).
+    parity:    "parity" rho with weight "pw" adds pw x r x mean_i relu(rho max_j v_j - v_i)^2 / s,
+               s = stop_gradient(mean_i |v_i|), r the penalty's ramp. The max is not held
+               constant, so the term lowers the best as well as raising the optima below rho of it.
+               "lift" 1: the max is held constant (the term only raises them).
+               "pdelay" 1: r is a second ramp of the same length, starting where the first ends.
+               "prel" 1: the term is pw x r x s x mean_i relu(rho - max(v_i, 0) / max_j v_j)^2,
+               the shortfall of each share of the best; an optimum at or below 0 neither gains
+               from it nor pulls the best down.
 
     .venv/bin/python scripts/diversity_variants.py --steps 150 \\
         '{"obj": "relsoftmin", "tau": 0.1, "div": "hinge", "margin": 0.4, "w": 100, "ramp": 0.3}'
@@ -102,7 +110,7 @@ def problem(model, layer: str, config: maximization.Config, shape, n: int, varia
                                                                config.learning_rate).param)(index)
         return State(params, optimizer.init(params), jnp.asarray(target))
 
-    def loss(params, model_params, key, target, ramp):
+    def loss(params, model_params, key, target, ramp, ramp_done):
         def one(param, i):
             jitter = transforms.random_jitter(jax.random.fold_in(key, i), config.max_shift, config.scales)
             return maximization.model_input(to_video(param), jitter, config.resize, mean, std)
@@ -112,13 +120,25 @@ def problem(model, layer: str, config: maximization.Config, shape, n: int, varia
         weight = variant["w"] * ramp
         if variant.get("wscale"):
             weight = weight * jax.lax.stop_gradient(jnp.mean(jnp.abs(values)))
-        penalty = penalty_term(variant, diversity.cosines(jax.vmap(pattern)(acts)))
-        return weight * penalty - objective_term(variant, values), jnp.mean(values)
+        penalty = weight * penalty_term(variant, diversity.cosines(jax.vmap(pattern)(acts)))
+        if "parity" in variant:
+            scale = jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(values)), 1e-6))
+            best = jax.lax.stop_gradient(jnp.max(values)) if variant.get("lift") else jnp.max(values)
+            late = jnp.clip(ramp_done - 1.0, 0.0, 1.0) if variant.get("pdelay") else ramp
+            if variant.get("prel"):
+                short = jax.nn.relu(variant["parity"] - jax.nn.relu(values) / jnp.maximum(best, 1e-6))
+                penalty = penalty + variant["pw"] * late * scale * jnp.mean(short * short)
+            else:
+                short = jax.nn.relu(variant["parity"] * best - values)
+                penalty = penalty + variant["pw"] * late * jnp.mean(short * short) / scale
+        return penalty - objective_term(variant, values), jnp.mean(values)
 
     def step(model_params, state, key):
         done = optax.tree_utils.tree_get(state.opt_state, "count")
-        ramp = jnp.minimum(1.0, done / ramp_steps) if ramp_steps > 0 else 1.0
-        grad, value = jax.grad(loss, has_aux=True)(state.param, model_params, key, state.target, ramp)
+        # How many ramps' lengths of steps are done (2 once the steps after the first ramp are as many again).
+        ramp_done = done / ramp_steps if ramp_steps > 0 else 2.0
+        ramp = jnp.minimum(1.0, ramp_done)
+        grad, value = jax.grad(loss, has_aux=True)(state.param, model_params, key, state.target, ramp, ramp_done)
         updates, opt_state = optimizer.update(grad, state.opt_state, state.param)
         return State(optax.apply_updates(state.param, updates), opt_state, state.target), value
 

@@ -36,7 +36,7 @@ import optax
 from kv3d_jax import objectives, runner, transforms
 from kv3d_jax.maximization import (Config, State, checked_targets, get_preset, initial_state, mean_std,
                                    minmax_normalize, model_input, parameterization_of)
-from kv3d_jax.models.base import VideoModel
+from kv3d_jax.models.base import VideoModel, finite_channels
 
 Params = Any
 
@@ -109,22 +109,30 @@ def soft_minimum(values: jax.Array, temperature: float) -> jax.Array:
 
 
 def _layer(model: VideoModel, layer: str, config: Config, compute_dtype):
-    """``act(model_params, x) -> (N, T', H', W', C)`` float32: the tapped layer (rectified when
-    ``config.rectify``) for N model inputs ``x`` ``(N, T, H, W, 3)``, run in ``compute_dtype``."""
+    """``act(model_params, x) -> (acts, spoiled)``: the tapped layer ``(N, T', H', W', C)`` float32
+    (rectified when ``config.rectify``) for N model inputs ``x`` ``(N, T, H, W, 3)``, run in
+    ``compute_dtype``, and ``spoiled`` ``(C,)``: 0 for a channel, NaN for one whose weights are not
+    finite. Such a channel is computed from zero weights (:func:`kv3d_jax.models.base.finite_channels`):
+    a pattern spans every channel, so its NaN would otherwise spoil every kernel's run."""
     compute_dtype = jnp.dtype(compute_dtype)
 
     def act(model_params, x):
+        model_params, finite = finite_channels(model_params, layer)
         model_params, x = runner.cast_floats(model_params, compute_dtype), runner.cast_floats(x, compute_dtype)
         out = model.features(model_params, x, layer).astype(jnp.float32)
-        return jax.nn.relu(out) if config.rectify else out
+        spoiled = jnp.zeros(out.shape[-1:]) if finite is None else jnp.where(finite, 0.0, jnp.nan)
+        return (jax.nn.relu(out) if config.rectify else out), spoiled
 
     return act
 
 
-def _values(config: Config, acts: jax.Array, target: jax.Array) -> jax.Array:
-    """The objective ``(N,)`` of each of N activations ``(N, T', H', W', C)`` (already rectified)."""
+def _values(config: Config, acts: jax.Array, target: jax.Array, spoiled: jax.Array) -> jax.Array:
+    """The objective ``(N,)`` of each of N activations ``(N, T', H', W', C)`` (already rectified); NaN
+    where it reads a channel that ``spoiled`` ``(C,)`` marks, so that its own kernel fails (the rest
+    of the value and its gradient are the activations')."""
     objective = objectives.get(config.objective)
-    return jax.vmap(objective, in_axes=(0, None))(acts, target)
+    values = jax.vmap(objective, in_axes=(0, None))(acts, target)
+    return values + jax.lax.stop_gradient(objective(jnp.broadcast_to(spoiled, acts.shape[1:]), target))
 
 
 @functools.lru_cache(maxsize=32)
@@ -161,8 +169,8 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
             jitter = transforms.random_jitter(jax.random.fold_in(key, i), config.max_shift, config.scales)
             return model_input(to_video(param), jitter, config.resize, mean, std)
 
-        acts = act_fn(model_params, jax.vmap(one)(params, index))
-        values = _values(config, acts, target)
+        acts, spoiled = act_fn(model_params, jax.vmap(one)(params, index))
+        values = _values(config, acts, target, spoiled)
         penalty = hinge(cosines(jax.vmap(pattern_fn)(acts)), margin)
         return weight * objective_scale(values) * ramp * penalty - soft_minimum(values, temperature), jnp.mean(values)
 
@@ -176,8 +184,9 @@ def problem(model: VideoModel, layer: str, config: Config, shape: tuple[int, int
     def outputs(model_params, state):
         videos = jax.vmap(to_video)(state.param)
         x = jax.vmap(lambda v: model_input(v, None, config.resize, mean, std))(videos)
-        acts = act_fn(model_params, x)
-        return minmax_normalize(videos), _values(config, acts, state.target), cosines(jax.vmap(pattern_fn)(acts))
+        acts, spoiled = act_fn(model_params, x)
+        return (minmax_normalize(videos), _values(config, acts, state.target, spoiled),
+                cosines(jax.vmap(pattern_fn)(acts)))
 
     return runner.Problem(init, step, outputs, convolves=True)
 
@@ -194,7 +203,7 @@ def similarity(model: VideoModel, params: Params, layer: str, videos: jax.Array,
 
     def one(model_params, kernel_videos):
         x = jax.vmap(lambda v: model_input(v, None, config.resize, mean, std))(kernel_videos)
-        return cosines(jax.vmap(pattern_fn)(act_fn(model_params, x)))
+        return cosines(jax.vmap(pattern_fn)(act_fn(model_params, x)[0]))
 
     # The params are an argument, not a closed-over constant that XLA would fold at compile time.
     every = jax.jit(lambda model_params, vs: jax.lax.map(lambda v: one(model_params, v), vs))

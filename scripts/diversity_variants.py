@@ -115,8 +115,8 @@ def problem(model, layer: str, config: maximization.Config, shape, n: int, varia
             jitter = transforms.random_jitter(jax.random.fold_in(key, i), config.max_shift, config.scales)
             return maximization.model_input(to_video(param), jitter, config.resize, mean, std)
 
-        acts = act_fn(model_params, jax.vmap(one)(params, index))
-        values = diversity._values(config, acts, target)
+        acts, spoiled = act_fn(model_params, jax.vmap(one)(params, index))
+        values = diversity._values(config, acts, target, spoiled)
         weight = variant["w"] * ramp
         if variant.get("wscale"):
             weight = weight * jax.lax.stop_gradient(jnp.mean(jnp.abs(values)))
@@ -145,8 +145,8 @@ def problem(model, layer: str, config: maximization.Config, shape, n: int, varia
     def outputs(model_params, state):
         videos = jax.vmap(to_video)(state.param)
         x = jax.vmap(lambda v: maximization.model_input(v, None, config.resize, mean, std))(videos)
-        acts = act_fn(model_params, x)
-        return (maximization.minmax_normalize(videos), diversity._values(config, acts, state.target),
+        acts, spoiled = act_fn(model_params, x)
+        return (maximization.minmax_normalize(videos), diversity._values(config, acts, state.target, spoiled),
                 diversity.cosines(jax.vmap(diversity.flat)(acts)), diversity.cosines(jax.vmap(pattern)(acts)))
 
     return runner.Problem(init, step, outputs, convolves=True)

@@ -113,13 +113,26 @@ def test_a_failed_diverse_run_is_recorded_for_its_kernel_alone(run, monkeypatch,
     pipeline.write_media(tmp_path, "tiny", "b", 1, broken[1], JOB.record(TINY))
     assert set(p.name for p in tmp_path.iterdir()) == set(JOB.record(TINY).files("tiny", "b", 1).values())
 
-    # A NaN weight of one channel: its stage 1 fails, the other channel's stages do not; the diverse
-    # run's activation patterns span every channel of the layer, so every kernel's diverse run fails.
+    # A NaN weight of one channel: its stage 1 and its diverse run fail, the other channel's do not.
+    # The activation patterns span every channel of the layer; the spoiled channel enters them as a
+    # channel of zero weights, so the other kernel's optima are those of the params with it zeroed.
     monkeypatch.setattr(diversity, "maximize_diverse", real)
     spoiled = pipeline.compute_chunk(TINY, _spoiled(1), "b", [0, 1], JOB)
     assert spoiled[1]["failed"] == 1 and spoiled[0]["failed"] == 0
+    assert all(np.all(np.isnan(spoiled[1][name])) for name in DIVERSE)
     for name, value in spoiled[0].items():
-        assert np.all(np.isnan(value)) if name in DIVERSE else _same(value, records[0][name]), name
+        if name not in DIVERSE:
+            assert _same(value, records[0][name]), name
+    zeroed = jax.tree.map(lambda leaf: leaf, TINY_PARAMS)
+    zeroed["params"]["b"] = {name: jnp.asarray(leaf).at[..., 1].set(0.0)
+                             for name, leaf in TINY_PARAMS["params"]["b"].items()}
+    alike = diversity.maximize_diverse(TINY, zeroed, "b", [0, 1], 2, config=JOB.stage1(TINY, "b"),
+                                       key=jax.random.fold_in(pipeline.layer_key(JOB.seed, "b"), 6),
+                                       per_device=JOB.batch, share=False)
+    expected = {"diverse_video": np.asarray(alike.videos[0], np.float16), "diverse_objective": alike.objective[0],
+                "diverse_cosine": alike.cosine[0]}
+    for name in DIVERSE:
+        assert np.all(np.isfinite(spoiled[0][name])) and _same(spoiled[0][name], expected[name]), name
 
 
 def test_the_setting_is_described_counted_and_checked():

@@ -120,6 +120,27 @@ class VideoModel:
         return self.output_shape(params, layer)[-1]
 
 
+def _layer_weights(params: Params, layer: str):
+    """The entry ``params["params"][layer]`` of a Flax convolution (it holds a ``kernel``), or None."""
+    layer_params = params.get("params", {}).get(layer) if hasattr(params, "get") else None
+    return layer_params if hasattr(layer_params, "items") and "kernel" in layer_params else None
+
+
+def _keep_channels(params: Params, layer: str, keep: jax.Array) -> Params:
+    """``params`` with the output channels of ``layer`` where ``keep`` ``(C,)`` is False set to zero in
+    every leaf of the layer whose last axis is its ``C`` output channels (``where``, not a product, so
+    that a non-finite weight is replaced, not multiplied)."""
+    layer_params = params["params"][layer]
+
+    def zero_others(leaf):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[-1] != keep.shape[0]:
+            return leaf
+        return jnp.where(keep, leaf, jnp.zeros((), jnp.result_type(leaf)))
+
+    masked = {name: zero_others(leaf) for name, leaf in layer_params.items()}
+    return {**params, "params": {**params["params"], layer: masked}}
+
+
 def own_weights(params: Params, layer: str, channel: jax.Array) -> Params:
     """``params`` with the weights of every output channel of ``layer`` but ``channel`` set to zero.
 
@@ -129,16 +150,27 @@ def own_weights(params: Params, layer: str, channel: jax.Array) -> Params:
     weight of another channel out of both the channel's activation and its gradient, which
     flows back through every output channel's weights.
     """
-    layer_params = params.get("params", {}).get(layer) if hasattr(params, "get") else None
-    if not hasattr(layer_params, "items") or "kernel" not in layer_params:
+    layer_params = _layer_weights(params, layer)
+    if layer_params is None:
         return params
+    return _keep_channels(params, layer, jnp.arange(jnp.shape(layer_params["kernel"])[-1]) == channel)
+
+
+def finite_channels(params: Params, layer: str) -> tuple[Params, jax.Array | None]:
+    """``(params, finite)``: ``params`` with every output channel of ``layer`` that holds a non-finite
+    weight set to zero, and ``finite`` ``(C,)`` bool, the channels left as they were.
+
+    For what reads all of ``layer``'s channels at once (a diversity pattern): one channel's NaN
+    weights would otherwise reach every value and, through the backward pass over the layer's
+    weights, every gradient. The weights are those of :func:`own_weights`; ``(params, None)``
+    when ``params`` holds no such entry.
+    """
+    layer_params = _layer_weights(params, layer)
+    if layer_params is None:
+        return params, None
     channels = jnp.shape(layer_params["kernel"])[-1]
-    keep = jnp.arange(channels) == channel
-
-    def zero_others(leaf):
-        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[-1] != channels:
-            return leaf
-        return jnp.where(keep, leaf, jnp.zeros((), jnp.result_type(leaf)))
-
-    masked = {name: zero_others(leaf) for name, leaf in layer_params.items()}
-    return {**params, "params": {**params["params"], layer: masked}}
+    finite = jnp.ones((channels,), bool)
+    for leaf in jax.tree.leaves(layer_params):
+        if jnp.ndim(leaf) and jnp.shape(leaf)[-1] == channels:
+            finite &= jnp.all(jnp.isfinite(leaf), axis=tuple(range(jnp.ndim(leaf) - 1)))
+    return _keep_channels(params, layer, finite), finite

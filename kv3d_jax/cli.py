@@ -429,7 +429,7 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
                  for i, video in enumerate(optima)]
         views.append(gallery.DiverseView(
             channel=int(channel), objective=[float(x) for x in values],
-            max_cosine=float(cosines[~np.eye(len(cosines), dtype=bool)].max()), media=files, failed=bool(failed),
+            max_cosine=float(diversity.off_diagonal(cosines).max()), media=files, failed=bool(failed),
             name=names[int(channel)] if names else ""))
     extra = {}
     if args.parameterization == "maco" and len(videos):
@@ -450,7 +450,7 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
         [f"stage 1 at the {args.preset} preset, {config.steps} steps, {args.parameterization} parameterization; "
          f"diversity weight {weight:g} on the {diversity.DEFAULT_PATTERN} activation pattern's cosines above "
          f"{diversity.DEFAULT_MARGIN:g}; data in {npz.name}"]))
-    off = cosine[:, ~np.eye(args.diversity, dtype=bool)]
+    off = diversity.off_diagonal(cosine)
     print(f"{len(videos)} kernels x {args.diversity} optima of {model.name} {args.layer}: mean objective "
           f"{objective.mean():.4g}, mean pairwise cosine {off.mean() if off.size else float('nan'):.3g}; "
           f"{media.upper()}s, {npz.name} and {page.name} in {args.out}")
@@ -697,23 +697,32 @@ def _read_movie(path: Path) -> np.ndarray:
     source = f"file:{regular_file(path, kind).resolve()}"
     reader = imageio_ffmpeg.read_frames(
         source, input_params=["-protocol_whitelist", "file", "-f", _MOVIE_DEMUXERS[path.suffix.lower()]])
-    frames = []
     try:
-        width, height = reader.__next__()["size"]
+        decoded = _decoded(reader, path, kind)
+        meta = next(decoded, None)
+        if not meta or "size" not in meta:
+            raise ValueError(f"{path} is not a readable {kind} (ffmpeg found no video in it)")
+        width, height = meta["size"]
         _check_size(path, (1, height, width))
-        for frame in reader:
+        frames = []
+        for frame in decoded:
             _check_size(path, (len(frames) + 1, height, width))
             frames.append(np.frombuffer(frame, np.uint8).reshape(height, width, 3))
-    except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as err:
-        if isinstance(err, ValueError) and str(err).startswith(str(path)):
-            raise
-        raise ValueError(f"{path} is not a readable {kind} ({escape(str(err).strip() or type(err).__name__, 200)})"
-                         ) from None
     finally:
         reader.close()
     if not frames:
         raise ValueError(f"{path} is not a readable {kind} (it holds no frames)")
     return np.stack(frames).astype(np.float32) / 255.0
+
+
+def _decoded(reader, path: Path, kind: str):
+    """The items of imageio-ffmpeg's ``reader`` (its metadata, then each frame's bytes), any error of
+    ffmpeg's or of its header's parsing raised as one ValueError saying ``path`` is not a readable ``kind``."""
+    try:
+        yield from reader
+    except (OSError, RuntimeError, KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable {kind} ({escape(str(err).strip() or type(err).__name__, 200)})"
+                         ) from None
 
 
 def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype, int]:

@@ -84,6 +84,13 @@ def cosines(patterns: jax.Array) -> jax.Array:
     return unit @ unit.T
 
 
+def off_diagonal(matrix) -> np.ndarray:
+    """The off-diagonal entries ``(..., N·(N-1))`` of square matrices ``(..., N, N)``: every pair of
+    distinct optima's cosine in :attr:`DiverseResult.cosine`."""
+    matrix = np.asarray(matrix)
+    return matrix[..., ~np.eye(matrix.shape[-1], dtype=bool)]
+
+
 def hinge(cosine: jax.Array, margin: float) -> jax.Array:
     """The diversity penalty of N optima: ``mean_{i≠j} relu(cosine[i, j] - margin)²`` of their pairwise
     cosines ``(N, N)``, N ≥ 2; 0 once every pair is at most ``margin`` alike."""

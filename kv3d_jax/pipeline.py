@@ -248,11 +248,10 @@ def check_memory(model, params, job: Job, layers: Sequence[str], budget: int) ->
         config = job.stage1(model, layer)
         programs = {"": maximization.problem(model, layer, config, job.video_shape(model), dtype)}
         if job.diversity:
-            # The arguments maximize_diverse builds its problem with, so the compiled program is the run's.
+            # compute_chunk's run: maximize_diverse at its default settings, which are problem's too.
             programs[f" with {job.diversity} diverse optima each"] = diversity.problem(
-                model, layer, config, job.video_shape(model), job.diversity, float(diversity.DEFAULT_WEIGHT),
-                diversity.DEFAULT_PATTERN, dtype, float(diversity.DEFAULT_MARGIN),
-                float(diversity.DEFAULT_TEMPERATURE), float(diversity.DEFAULT_WARMUP))
+                model, layer, config, job.video_shape(model), job.diversity, diversity.DEFAULT_WEIGHT,
+                compute_dtype=dtype)
         for what, problem in programs.items():
             length = runner.chunk_length(config.steps, config.chunk, problem, mesh)
             compiled = runner.compiled_chunk(problem, params, jnp.zeros((1,), jnp.int32), job.batch, length, mesh,

@@ -16,7 +16,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from kv3d_jax import gallery, writers
+from kv3d_jax import diversity, gallery, writers
 from kv3d_jax.warp import warp
 
 # The formats moving pictures can be written in; the first is the default.
@@ -124,9 +124,8 @@ def _diverse_view(arrays: Mapping[str, np.ndarray]) -> dict:
     """The :class:`kv3d_jax.gallery.KernelView` fields of a record's diverse optima: their objectives, the
     largest cosine between two of them, and whether the diverse run failed (its arrays are NaN)."""
     objective = np.asarray(arrays["diverse_objective"], np.float64)
-    cosine = np.asarray(arrays["diverse_cosine"], np.float64)
-    off_diagonal = cosine[~np.eye(len(cosine), dtype=bool)]
-    return dict(diverse_objective=tuple(float(x) for x in objective), diverse_cosine=float(off_diagonal.max()),
+    largest = float(diversity.off_diagonal(np.asarray(arrays["diverse_cosine"], np.float64)).max())
+    return dict(diverse_objective=tuple(float(x) for x in objective), diverse_cosine=largest,
                 diverse_failed=not np.all(np.isfinite(objective)))
 
 

@@ -261,7 +261,6 @@ def save_attribution(out_dir, stem: str, video, attribution, fps: float = 8.0, m
     return {"attribution": save_video(paths["attribution"], render.transparency(video, attribution), fps)}
 
 
-
 def save_diverse(out_dir, stem: str, videos, fps: float = 8.0, media: str = "gif") -> dict[str, Path]:
     """Writes one kernel's N diverse optima ``videos`` ``(N, T, H, W, 3)`` in [0, 1] side by side
     (:func:`kv3d_jax.render.side_by_side`, 2 px white gaps: T frames of H×(N·W + 2(N-1))) as

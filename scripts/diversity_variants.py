@@ -154,7 +154,7 @@ def problem(model, layer: str, config: maximization.Config, shape, n: int, varia
 
 def summary(objective: np.ndarray, cosine: np.ndarray) -> dict:
     """Issue #25's numbers of K kernels' objectives ``(K, N)`` and flat cosines ``(K, N, N)``."""
-    off = cosine[:, ~np.eye(cosine.shape[-1], dtype=bool)]
+    off = diversity.off_diagonal(cosine)
     # A kernel none of whose optima reaches a positive objective is dead: a share of its best means nothing.
     live = objective.max(axis=1) > 0
     of_best = np.where(live[:, None], objective / np.where(live, objective.max(axis=1), 1)[:, None], np.nan)
@@ -188,7 +188,7 @@ def main() -> None:
         result = runner.run(problem(model, args.layer, config, shape, args.n, variant), params, target, ids,
                             config.steps, chunk=config.chunk, key=jax.random.PRNGKey(args.seed), batch_size=len(ids))
         _, objective, cosine, own = (np.asarray(x) for x in result.outputs)
-        own_max = float(own[:, ~np.eye(args.n, dtype=bool)].max())
+        own_max = float(diversity.off_diagonal(own).max())
         print(json.dumps({"layer": args.layer, "steps": args.steps, **variant, **summary(objective, cosine),
                           "pattern_cosine_max": round(own_max, 3), "seconds": round(time.perf_counter() - start, 1)}),
               flush=True)

@@ -28,9 +28,7 @@ def summary(result: diversity.DiverseResult, plain_best: np.ndarray | None, gram
     """The cosines and objective ratios of ``result`` (see the module doc); the ratio to the plain
     optimum only when ``plain_best`` ``(K,)`` is known (weight 0 among the weights). ``gram``
     ``(K, N, N)``: the optima's cosines of the Gram pattern, which ignores where features sit."""
-    n = result.cosine.shape[-1]
-    off = np.asarray(result.cosine)[:, ~np.eye(n, dtype=bool)]
-    gram_off = np.asarray(gram)[:, ~np.eye(n, dtype=bool)]
+    off, gram_off = diversity.off_diagonal(result.cosine), diversity.off_diagonal(gram)
     objective = np.asarray(result.objective)
     # A kernel none of whose optima reaches a positive objective is dead: a share of its best means nothing.
     live = objective.max(axis=1) > 0

@@ -43,11 +43,12 @@ from kv3d_jax.models.base import Params, VideoModel
 WEIGHTS = (0.0, 3.0)
 # The one penalty weight of `kv3d visualize --slowfast`'s index: the grid's strongest.
 DEFAULT_WEIGHT = WEIGHTS[-1]
-# The gratings a preferred TF is read from: spatial frequencies (cycles/px) and temporal
-# frequencies (cycles/frame), each a factor of √2 apart, the TFs up to 0.35 (0.5 is Nyquist's,
-# where a grating has no direction).
+# The gratings a preferred TF is read from: spatial frequencies (cycles/px) a factor of √2 apart,
+# temporal frequencies (cycles/frame) a factor of 2^(1/4) apart from 1/64 up to 0.35 (0.5 is
+# Nyquist's, where a grating has no direction). On a √2 TF grid the parabola's vertex moved by half
+# the spread of MotionNet's preferred TFs and bunched them in two groups (docs/slowfast.md).
 SPATIAL_FREQS = tuple(0.025 * 2 ** (k / 2) for k in range(8))
-TEMPORAL_FREQS = tuple(2 ** (k / 2) / 64 for k in range(10))
+TEMPORAL_FREQS = tuple(2 ** (k / 4) / 64 for k in range(19))
 
 
 def temporal_variation(video: jax.Array) -> jax.Array:

@@ -121,7 +121,8 @@ def test_cli_tuning_help_lists_the_slowfast_flags(capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--slowfast-weights", "0.5", "1"], "--slowfast-weights must start at 0"),
-    (["--directions", "64", "--sf", "0.1", "--tf", "0.1"], "--slowfast reads preferred TFs from up to 20,480 gratings"),
+    (["--directions", "64", "--sf", "0.1", "--tf", "0.1"], "--slowfast reads preferred TFs from up to "
+     f"{64 * len(slowfast.SPATIAL_FREQS) * len(slowfast.TEMPORAL_FREQS) * 4:,} gratings"),
 ])
 def test_cli_slowfast_rejects_bad_arguments(tmp_path, capsys, extra, message):
     assert cli.main(["tuning", "--layer", "conv2", "--out", str(tmp_path), "--slowfast", *extra]) == 2

@@ -995,6 +995,9 @@ def _add_visualize(sub) -> None:
                    "alike activation patterns (docs/diversity.md), in each kernel record and side by side in the "
                    "gallery; one stage 1 of N videos at once, so it adds about N times stage 1's time; 0 (the "
                    "default): off")
+    p.add_argument("--diversity-steps", type=_at_least(1), metavar="STEPS",
+                   help="with --diversity: the diverse optima's steps (default: stage 1's, at least "
+                   f"{job.DIVERSITY_STEPS}, the fewest at which MotionNet conv3's optima came out distinct)")
     p.add_argument("--dtype", default="float32", choices=job.DTYPES,
                    help="dtype the model computes in (default float32; optimised videos stay float32)")
     p.add_argument("--memory-budget", type=float, metavar="GIB",
@@ -1005,6 +1008,8 @@ def _add_visualize(sub) -> None:
 
 
 def _run_visualize(args) -> int:
+    if args.diversity_steps is not None and not args.diversity:
+        raise ValueError("--diversity-steps sets the steps of the diverse optima; add --diversity N")
     if args.memory_budget is not None and not 2.0**-10 <= args.memory_budget <= _MAX_MEMORY_GIB:
         raise ValueError(f"--memory-budget must be a positive, finite number of GiB, from 1/1024 (1 MiB) to "
                          f"{_MAX_MEMORY_GIB:,.0f}, got {args.memory_budget}")
@@ -1012,7 +1017,7 @@ def _run_visualize(args) -> int:
                              rectify=args.rectify, refine_steps=args.refine, refine_motion=args.refine_motion,
                              dtype=args.dtype, batch=args.batch, media=args.media,
                              parameterization=args.parameterization, slowfast=args.slowfast,
-                             diversity=args.diversity)
+                             diversity=args.diversity, diversity_steps=args.diversity_steps)
     if not args.layer and args.layers is None and the_job.model != job.DEFAULT_MODEL:
         raise ValueError(f"choose layers of {the_job.model} with --layer L (repeatable) or --layers all; "
                          f"valid layers are: {', '.join(models.get(the_job.model).layers)}")

@@ -39,9 +39,12 @@ DEFAULT_BATCH = 8
 # Settings added after run folders were first written, with the value that means "not used": a
 # run.json records one only when it is used, and one that lacks it reads back as not using it, so
 # folders written before the setting existed open, resume and draw as they did.
-LATER_SETTINGS = {"slowfast": 0.0, "diversity": 0}
+LATER_SETTINGS = {"slowfast": 0.0, "diversity": 0, "diversity_steps": 0}
 # The most diverse optima per kernel (each kernel holds all N videos in one batch).
 MAX_DIVERSITY = 64
+# The fewest steps a diverse run gets from Job.create: at 40 steps 1 of MotionNet conv3's 8 kernels
+# had distinct optima, at 300 steps 7 of 8 (docs/diversity.md).
+DIVERSITY_STEPS = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +79,10 @@ class Job:
         (high = slow); 0 computes no index. The penalised run is a second stage 1 of ``steps`` steps.
       diversity: N diverse optima per kernel (:mod:`kv3d_jax.diversity`, its default settings), 2 to
         :data:`MAX_DIVERSITY`, drawn side by side in the gallery; 0 computes none. The diverse run is a
-        stage 1 of ``steps`` steps for N videos at once, so it costs about N stage-1 runs.
+        stage 1 of ``diversity_steps`` steps for N videos at once, so it costs about N such stage-1 runs.
+      diversity_steps: the diverse run's steps; 0 means stage 1's ``steps`` (what run folders written
+        before the setting existed used), and ``steps`` itself is kept as 0, so that such a folder
+        resumes under a job that names them. Only with ``diversity``.
     """
 
     model: str
@@ -94,6 +100,7 @@ class Job:
     parameterization: str = "pixel"
     slowfast: float = LATER_SETTINGS["slowfast"]
     diversity: int = LATER_SETTINGS["diversity"]
+    diversity_steps: int = LATER_SETTINGS["diversity_steps"]
 
     def __post_init__(self):
         get_preset(self.preset)
@@ -110,6 +117,15 @@ class Job:
                 or not (self.diversity == 0 or 2 <= self.diversity <= MAX_DIVERSITY)):
             raise ValueError(f"diversity must be 0 (no diverse optima) or 2 to {MAX_DIVERSITY} optima per kernel, got "
                              f"{self.diversity!r}")
+        if (not isinstance(self.diversity_steps, numbers.Integral) or isinstance(self.diversity_steps, bool)
+                or self.diversity_steps < 0):
+            raise ValueError(f"diversity_steps must be an integer of at least 1 (or 0 for stage 1's steps), got "
+                             f"{self.diversity_steps!r}")
+        if self.diversity_steps and not self.diversity:
+            raise ValueError("diversity_steps are the steps of the diverse optima's run; set diversity to 2 or more "
+                             "optima per kernel, or leave diversity_steps at 0")
+        if self.diversity_steps == self.steps:
+            object.__setattr__(self, "diversity_steps", 0)
         if not isinstance(self.seed, numbers.Integral) or not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
         for name, valid in (("refine_motion", MOTIONS), ("dtype", DTYPES), ("media", MEDIA),
@@ -122,7 +138,8 @@ class Job:
                decompose_steps: int | None = None, **settings) -> "Job":
         """A job for ``model`` (default :data:`DEFAULT_MODEL`) with every setting not given filled
         in: from :data:`DEFAULTS` for its model (``steps`` only at its default preset), else
-        :data:`OTHER_MODELS` and the preset's steps; ``settings``: any other field."""
+        :data:`OTHER_MODELS` and the preset's steps, and with ``diversity`` a diverse run of stage 1's
+        steps but at least :data:`DIVERSITY_STEPS`; ``settings``: any other field."""
         model = model or DEFAULT_MODEL
         defaults = DEFAULTS.get(model, OTHER_MODELS)
         preset = preset or defaults["preset"]
@@ -130,6 +147,8 @@ class Job:
             steps = defaults["steps"] if "steps" in defaults and preset == defaults["preset"] else get_preset(preset).steps
         if decompose_steps is None:
             decompose_steps = defaults["decompose_steps"]
+        if settings.get("diversity") and settings.get("diversity_steps") is None:
+            settings["diversity_steps"] = max(steps, DIVERSITY_STEPS)
         return cls(model, preset, steps, decompose_steps, **{k: v for k, v in settings.items() if v is not None})
 
     @classmethod
@@ -150,6 +169,10 @@ class Job:
         and parameterization."""
         return maximization.preset(self.preset, steps=self.steps, rectify=self.rectified(model, layer),
                                    parameterization=self.parameterization)
+
+    def diverse(self, model, layer: str) -> maximization.Config:
+        """The diverse run's stage-1 config for ``layer`` of ``model``: stage 1's with :meth:`diverse_steps`."""
+        return dataclasses.replace(self.stage1(model, layer), steps=self.diverse_steps())
 
     def stage2(self) -> decomposition.Config:
         """Stage 2's config: the reference's weights with this job's steps."""
@@ -187,7 +210,7 @@ class Job:
         rectified = ", rectified" if self.rectified(model, layer) else ""
         rectified += f", {self.parameterization} parameterization" if self.parameterization != "pixel" else ""
         slowfast = f", slow/fast index at λ = {self.slowfast:g}" if self.slowfast else ""
-        diverse = f", {self.diversity} diverse optima" if self.diversity else ""
+        diverse = f", {self.diversity} diverse optima ({self.diverse_steps()} steps)" if self.diversity else ""
         return (f"{self.preset} preset{rectified}, {self.steps} stage-1 steps, {self.decompose_steps} "
                 f"decomposition steps{refined}{slowfast}{diverse}, seed {self.seed}")
 
@@ -195,15 +218,19 @@ class Job:
         """Steps of the penalised stage 1 of the slow/fast index: stage 1's, or 0 without the index."""
         return self.steps if self.slowfast else 0
 
-    def diversity_steps(self) -> int:
-        """What the diverse run costs, in stage-1 steps of one video: N optima of ``steps`` steps each (every
-        step runs the model on all N), ``diversity × steps``; 0 without diverse optima."""
-        return self.diversity * self.steps
+    def diverse_steps(self) -> int:
+        """Steps of the diverse run: ``diversity_steps``, or stage 1's where that is 0; 0 without diverse optima."""
+        return (self.diversity_steps or self.steps) if self.diversity else 0
+
+    def diversity_cost(self) -> int:
+        """What the diverse run costs, in stage-1 steps of one video: N optima of :meth:`diverse_steps` steps
+        each (every step runs the model on all N); 0 without diverse optima."""
+        return self.diversity * self.diverse_steps()
 
     def steps_per_kernel(self) -> int:
         """Optimisation steps every kernel goes through, all stages together, the diverse run's counted as
-        one step per optimum per step (:meth:`diversity_steps`), what it costs."""
-        return self.steps + self.decompose_steps + self.refine_steps + self.slowfast_steps() + self.diversity_steps()
+        one step per optimum per step (:meth:`diversity_cost`), what it costs."""
+        return self.steps + self.decompose_steps + self.refine_steps + self.slowfast_steps() + self.diversity_cost()
 
 
 def layers(model, names=None, every: bool = False) -> tuple[str, ...]:

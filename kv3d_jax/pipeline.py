@@ -110,7 +110,7 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
     (:func:`kv3d_jax.slowfast.penalised`, weight ``job.slowfast``) uses stage 1's keys, so each
     kernel's penalised run is paired with its stage 1, whose objective is the index's unpenalised
     one. The ``job.diversity`` diverse optima (:func:`kv3d_jax.diversity.maximize_diverse`, its default
-    settings, stage 1's config) fold each channel into ``fold_in(layer key, 6)``. Every stage runs
+    settings, stage 1's config with ``job.diverse_steps()`` steps) fold each channel into ``fold_in(layer key, 6)``. Every stage runs
     ``job.batch`` kernels per device.
     ``progress(stage, done, total)`` is called as steps finish (stage 4: the slow/fast index's run, 5:
     the diverse optima's). A record's ``failed`` is 0, or the number of the first of stages 1-3 whose
@@ -170,7 +170,8 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
         arrays["slowness"] = slowfast.slowness(np.stack([np.asarray(stage1.objective), penalised], axis=1),
                                                np.stack([np.asarray(stage1.failed), penalised_failed], axis=1))
     if job.diversity:
-        diverse = diversity.maximize_diverse(model, params, layer, channels, job.diversity, config=config,
+        diverse = diversity.maximize_diverse(model, params, layer, channels, job.diversity,
+                                             config=job.diverse(model, layer),
                                              key=jax.random.fold_in(key, 6), callback=report(5), share=False,
                                              **common)
         # A failed kernel's diverse arrays are NaN whole, so that its record says so by itself.
@@ -216,7 +217,7 @@ def write_media(folder: Path, model: str, layer: str, channel: int, arrays: Mapp
 def _stage_progress(layer: str, units: int, job: Job, progress: Progress) -> Callable:
     """``advance(unit_index)`` → the ``(stage, done, total)`` callback of :func:`compute_chunk` that
     reports on ``progress`` over all ``units`` units of ``layer``."""
-    lengths = (job.steps, job.decompose_steps, job.refine_steps, job.slowfast_steps(), job.diversity_steps())
+    lengths = (job.steps, job.decompose_steps, job.refine_steps, job.slowfast_steps(), job.diversity_cost())
     per_unit = sum(lengths)
 
     def advance(index: int):
@@ -232,7 +233,7 @@ def kernel_flops(model, params, job: Job, layers: Sequence[str]) -> dict[str, fl
     """Estimated FLOPs of one kernel of each of ``layers``: its stage-1, stage-3, slow/fast and diverse
     steps (:func:`kv3d_jax.plan.stage1_step_flops`, one per optimum per diverse step); stage 2 does not
     touch the model and costs the same for every layer of a job."""
-    steps = job.steps + job.refine_steps + job.slowfast_steps() + job.diversity_steps()
+    steps = job.steps + job.refine_steps + job.slowfast_steps() + job.diversity_cost()
     return {layer: steps * plan.stage1_step_flops(model, params, layer, job.stage1(model, layer), job.dtype)
             for layer in layers}
 
@@ -246,13 +247,14 @@ def check_memory(model, params, job: Job, layers: Sequence[str], budget: int) ->
     dtype = jnp.dtype(job.dtype)
     for layer in layers:
         config = job.stage1(model, layer)
-        programs = {"": maximization.problem(model, layer, config, job.video_shape(model), dtype)}
+        programs = {"": (config, maximization.problem(model, layer, config, job.video_shape(model), dtype))}
         if job.diversity:
             # compute_chunk's run: maximize_diverse at its default settings, which are problem's too.
-            programs[f" with {job.diversity} diverse optima each"] = diversity.problem(
-                model, layer, config, job.video_shape(model), job.diversity, diversity.DEFAULT_WEIGHT,
-                compute_dtype=dtype)
-        for what, problem in programs.items():
+            diverse = job.diverse(model, layer)
+            programs[f" with {job.diversity} diverse optima each"] = (diverse, diversity.problem(
+                model, layer, diverse, job.video_shape(model), job.diversity, diversity.DEFAULT_WEIGHT,
+                compute_dtype=dtype))
+        for what, (config, problem) in programs.items():
             length = runner.chunk_length(config.steps, config.chunk, problem, mesh)
             compiled = runner.compiled_chunk(problem, params, jnp.zeros((1,), jnp.int32), job.batch, length, mesh,
                                              dtype)

@@ -65,7 +65,7 @@ def test_a_diverse_run_stores_n_optima_per_kernel_and_draws_them_side_by_side(ru
         distinct = cosine <= gallery.DISTINCT_COSINE and min(objective) >= gallery.DISTINCT_FRACTION * max(objective)
         assert (">distinct</span>" if distinct else ">alike</span>") in card
     assert "Diverse optima:" in page and "“distinct” = every cosine at most 0.5" in page
-    assert '<option value="diverse_cosine">' in page and "2 diverse optima, seed 3" in page
+    assert '<option value="diverse_cosine">' in page and "2 diverse optima (2 steps), seed 3" in page
 
 
 def test_a_kernels_diverse_optima_do_not_depend_on_its_batch_mates_nor_change_the_rest_of_its_record(run):
@@ -137,12 +137,45 @@ def test_a_failed_diverse_run_is_recorded_for_its_kernel_alone(run, monkeypatch,
 
 def test_the_setting_is_described_counted_and_checked():
     # That run.json records it only when used, and old folders open: test_store.py, test_a_later_setting_*.
-    assert "2 diverse optima" in JOB.describe(TINY, "b") and "diverse" not in PLAIN.describe(TINY, "b")
-    # Two optima of stage 1's steps cost two stage-1 runs.
+    assert "2 diverse optima (2 steps)" in JOB.describe(TINY, "b") and "diverse" not in PLAIN.describe(TINY, "b")
+    # Two optima of stage 1's steps cost two stage-1 runs; of 7 steps, two runs of 7.
     assert JOB.steps_per_kernel() == PLAIN.steps_per_kernel() + 2 * JOB.steps
+    longer = dataclasses.replace(JOB, diversity_steps=7)
+    assert longer.steps_per_kernel() == PLAIN.steps_per_kernel() + 2 * 7
+    assert longer.diverse(TINY, "b") == dataclasses.replace(JOB.stage1(TINY, "b"), steps=7)
     for bad in (1, -2, job.MAX_DIVERSITY + 1, True, 2.0, "2"):
         with pytest.raises(ValueError, match="diversity must be 0 .no diverse optima. or 2 to 64 optima per kernel"):
             dataclasses.replace(JOB, diversity=bad)
+    for bad in (-1, True, 3.0):
+        with pytest.raises(ValueError, match="diversity_steps must be an integer of at least 1 .or 0 for stage 1's"):
+            dataclasses.replace(JOB, diversity_steps=bad)
+    with pytest.raises(ValueError, match="set diversity to 2 or more optima per kernel, or leave diversity_steps at 0"):
+        dataclasses.replace(PLAIN, diversity_steps=7)
+    # A run folder from before the setting ran its diverse optima for stage 1's steps, and still reads so.
+    before = {name: value for name, value in JOB.config(TINY).items() if name != "diversity_steps"}
+    assert job.Job.from_config(before).diverse_steps() == JOB.steps
+    # Naming stage 1's steps is that same job, so such a folder resumes under a command that names them.
+    assert dataclasses.replace(JOB, diversity_steps=JOB.steps) == JOB and "diversity_steps" not in JOB.config(TINY)
+    # A new job's diverse run gets stage 1's steps, but at least the steps that make optima distinct.
+    assert job.Job.create(steps=40, diversity=4).diverse_steps() == job.DIVERSITY_STEPS
+    assert job.Job.create(steps=900, diversity=4).diverse_steps() == 900
+    assert job.Job.create(steps=40, diversity=4, diversity_steps=60).diverse_steps() == 60
+    assert job.Job.create(steps=40).diverse_steps() == 0
+
+
+def test_the_diverse_run_takes_its_own_steps(monkeypatch):
+    seen = []
+    real = diversity.maximize_diverse
+
+    def recording(*args, config, **kwargs):
+        seen.append(config)
+        return real(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(diversity, "maximize_diverse", recording)
+    longer = dataclasses.replace(JOB, diversity_steps=3)
+    records = pipeline.compute_chunk(TINY, TINY_PARAMS, "b", [1], longer)
+    assert seen == [longer.diverse(TINY, "b")] and seen[0].steps == 3
+    assert np.all(np.isfinite(records[1]["diverse_objective"]))
 
 
 def test_check_memory_sizes_the_diverse_program_too():
@@ -170,6 +203,10 @@ def test_cli_visualize_offers_diversity_and_refuses_a_bad_count_in_one_line(caps
         err = capsys.readouterr().err
         assert err.startswith("kv3d visualize: error: argument --diversity:") and err.count("\n") == 1, err
         assert ("2 to 64 optima per channel" if bad != "x" else "write a whole number") in err
+    assert "--diversity-steps STEPS" in help_text and f"at least {job.DIVERSITY_STEPS}" in help_text
+    assert cli.main(["visualize", "--diversity-steps", "300"]) == 2
+    assert capsys.readouterr().err == ("kv3d visualize: error: --diversity-steps sets the steps of the diverse "
+                                       "optima; add --diversity N\n")
 
 
 def test_the_diverse_strip_tiles_the_optima_with_white_gaps():

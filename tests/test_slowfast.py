@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kv3d_jax import cli, gallery, job, maximization, pipeline, runner, slowfast
+from kv3d_jax import cli, gallery, job, maximization, pipeline, runner, slowfast, tuning
 from kv3d_jax.maximization import PRESETS
+from kv3d_jax.models import energy
 
 from tiny_model import tiny
 
@@ -103,6 +104,22 @@ def test_agreement_signs_both_measures_about_their_medians():
     assert result.share == 1.0
     flipped = slowfast.agreement(index, -tf, tuned)
     assert flipped.share == 0.0
+
+
+@pytest.mark.slow  # 3 units x 2 weights x 80 steps of 7x7x7 filters, one compiled batch: about 10 s of CPU
+def test_the_index_orders_units_of_known_temporal_frequency_as_their_gratings_do():
+    # Motion-energy units at 0 (static), 1/8 and 1/4 cycles/frame: the gratings find those frequencies,
+    # and the slower a unit, the more of its objective it keeps under the penalty.
+    model, params = energy.bank((0.0, 0.125, 0.25), shape=(12, 16, 16))
+    responses = tuning.grating_responses(model, params, energy.LAYER, [0.0], slowfast.SPATIAL_FREQS,
+                                         slowfast.TEMPORAL_FREQS)
+    tf = slowfast.preferred_tf(responses, slowfast.TEMPORAL_FREQS, np.zeros(3, int))
+    np.testing.assert_allclose(tf, [slowfast.TEMPORAL_FREQS[0], 0.125, 0.25], rtol=0.03)
+    measured = slowfast.measure(model, params, energy.LAYER, config=maximization.preset("native", steps=80),
+                                key=KEY, per_device=6)
+    assert np.all(np.diff(measured.index) < -0.15), measured.index
+    agreement = slowfast.agreement(measured.index, tf, np.ones(3, bool))
+    assert agreement.compared.sum() == 2 and agreement.share == 1.0
 
 
 @pytest.mark.parametrize("weights", [(1.0, 2.0), (0.0,), (0.0, 2.0, 1.0)])

@@ -110,8 +110,8 @@ def compute_chunk(model, params, layer: str, channels: Sequence[int], job: Job,
     (:func:`kv3d_jax.slowfast.penalised`, weight ``job.slowfast``) uses stage 1's keys, so each
     kernel's penalised run is paired with its stage 1, whose objective is the index's unpenalised
     one. The ``job.diversity`` diverse optima (:func:`kv3d_jax.diversity.maximize_diverse`, its default
-    settings, stage 1's config with ``job.diverse_steps()`` steps) fold each channel into ``fold_in(layer key, 6)``. Every stage runs
-    ``job.batch`` kernels per device.
+    settings, ``job.diverse``'s config: stage 1's with the diverse run's steps) fold each channel into
+    ``fold_in(layer key, 6)``. Every stage runs ``job.batch`` kernels per device.
     ``progress(stage, done, total)`` is called as steps finish (stage 4: the slow/fast index's run, 5:
     the diverse optima's). A record's ``failed`` is 0, or the number of the first of stages 1-3 whose
     result for the kernel is not finite; a kernel whose slow/fast or diverse run is not finite has NaN
@@ -254,8 +254,8 @@ def check_memory(model, params, job: Job, layers: Sequence[str], budget: int) ->
             programs[f" with {job.diversity} diverse optima each"] = (diverse, diversity.problem(
                 model, layer, diverse, job.video_shape(model), job.diversity, diversity.DEFAULT_WEIGHT,
                 compute_dtype=dtype))
-        for what, (config, problem) in programs.items():
-            length = runner.chunk_length(config.steps, config.chunk, problem, mesh)
+        for what, (settings, problem) in programs.items():
+            length = runner.chunk_length(settings.steps, settings.chunk, problem, mesh)
             compiled = runner.compiled_chunk(problem, params, jnp.zeros((1,), jnp.int32), job.batch, length, mesh,
                                              dtype)
             used = distribute.analysis_undercount(mesh) * distribute.program_bytes(compiled)

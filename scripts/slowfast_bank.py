@@ -20,6 +20,7 @@ import numpy as np
 
 from kv3d_jax import maximization, slowfast, tuning
 from kv3d_jax.models import energy
+from slowfast_reliability import spearman
 
 
 def main() -> None:
@@ -41,14 +42,13 @@ def main() -> None:
     measured = slowfast.measure(model, params, energy.LAYER, config=maximization.preset("native", steps=args.steps),
                                 key=jax.random.PRNGKey(args.seed), per_device=8)
     agreement = slowfast.agreement(measured.index, tf, np.ones(len(true_tf), bool))
-    ranks = [np.argsort(np.argsort(a)) for a in (measured.index, np.asarray(true_tf))]
     print(json.dumps({
         "steps": args.steps, "seed": args.seed, "weights": measured.weights.tolist(), "true_tf": true_tf,
         "grating_tf": np.round(tf, 4).tolist(), "dsi": np.round(result.dsi, 2).tolist(),
         "index": np.round(measured.index, 3).tolist(), "objective": np.round(measured.objective, 2).tolist(),
         "variation": np.round(measured.variation, 3).tolist(),
         "agree": int(agreement.agree[agreement.compared].sum()), "compared": int(agreement.compared.sum()),
-        "spearman_index_vs_tf": float(np.corrcoef(*ranks)[0, 1]), "seconds": round(time.time() - start, 1),
+        "spearman_index_vs_tf": spearman(measured.index, np.asarray(true_tf)), "seconds": round(time.time() - start, 1),
         "device": str(jax.devices()[0])}, indent=1))
 
 

@@ -122,6 +122,18 @@ def test_the_index_orders_units_of_known_temporal_frequency_as_their_gratings_do
     assert agreement.compared.sum() == 2 and agreement.share == 1.0
 
 
+def test_the_energy_bank_refuses_an_empty_bank_and_names_its_one_layer():
+    with pytest.raises(ValueError, match="the bank needs at least one temporal frequency"):
+        energy.bank(())
+    model, params = energy.bank((0.0,), shape=(8, 8, 8))
+    video = jnp.zeros((1, 8, 8, 8, 3))
+    assert model.features(params, video, energy.LAYER).shape == (1, 2, 2, 2, 1)
+    with pytest.raises(ValueError, match="energy has no layer 'conv1'; valid layers are: energy"):
+        model.features(params, video, "conv1")
+    with pytest.raises(ValueError, match="the motion-energy bank has no layer 'conv1'; its one layer is 'energy'"):
+        model.apply(params, video, "conv1")
+
+
 @pytest.mark.parametrize("weights", [(1.0, 2.0), (0.0,), (0.0, 2.0, 1.0)])
 def test_measure_rejects_a_bad_weight_grid(weights):
     with pytest.raises(ValueError, match="start at 0 and increase"):

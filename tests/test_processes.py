@@ -25,11 +25,14 @@ ARGS = ["visualize", "--layer", "conv1", "--channels", "0-7", "--steps", "2", "-
 KV3D = [sys.executable, "-c", "import sys; from kv3d_jax.cli import main; sys.exit(main())"]
 
 
-def _env() -> dict:
-    # One CPU device per process, as on a cluster of CPU hosts; no shared compilation cache, so
-    # that each process compiles its own programs.
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KV3D_CACHE")}
-    return {**env, "JAX_ENABLE_COMPILATION_CACHE": "false", "JAX_PLATFORMS": "cpu"}
+def _env(processes: int) -> dict:
+    # One CPU device per process, as on a cluster of CPU hosts. Processes of one run share no
+    # compilation cache, so that each compiles its own programs; a run of one process reads back
+    # what the session's earlier ones compiled.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if processes > 1:
+        env = {k: v for k, v in env.items() if k != "KV3D_CACHE"} | {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+    return {**env, "JAX_PLATFORMS": "cpu"}
 
 
 def _free_port() -> int:
@@ -41,10 +44,10 @@ def _free_port() -> int:
 def _start(out: Path, processes: int) -> list[subprocess.Popen]:
     """``processes`` kv3d processes of one run into ``out`` (one plain process if 1)."""
     if processes == 1:
-        return [subprocess.Popen(KV3D + ARGS + ["--out", str(out)], env=_env(), stdout=subprocess.PIPE,
+        return [subprocess.Popen(KV3D + ARGS + ["--out", str(out)], env=_env(1), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)]
     where = ["--coordinator", f"localhost:{_free_port()}", "--num-processes", str(processes)]
-    return [subprocess.Popen(KV3D + ARGS + ["--out", str(out)] + where + ["--process-id", str(i)], env=_env(),
+    return [subprocess.Popen(KV3D + ARGS + ["--out", str(out)] + where + ["--process-id", str(i)], env=_env(processes),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
 
 

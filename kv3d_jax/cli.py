@@ -334,7 +334,9 @@ def _add_maximize(sub) -> None:
                    help=f"N distinct optima per channel (2 to {MAX_DIVERSITY}), pushed apart by a diversity term on "
                    "the layer's activations: writes {model}_{layer}_{channel}_stage1_div{i}.{media} for i = 0..N-1, "
                    "{model}_{layer}_stage1_div.npz (videos (K, N, T, H, W, 3), objective (K, N), cosine (K, N, N)) "
-                   "and index.html, each channel's optima side by side")
+                   "and index.html, each channel's optima side by side; they need --steps of at least "
+                   f"{job.DIVERSITY_STEPS} (the preset's default is more), the fewest at which MotionNet conv3's came "
+                   "out distinct")
     p.add_argument("--diversity-weight", type=float, metavar="W",
                    help="with --diversity: weight of the penalty on pairs of optima whose activation patterns' cosine "
                    f"exceeds {diversity.DEFAULT_MARGIN:g}, in units of their mean objective, against the soft minimum "
@@ -413,6 +415,9 @@ def _run_diverse(args, out, model, params, channels, config, key, show, bar) -> 
     weight = diversity.DEFAULT_WEIGHT if args.diversity_weight is None else args.diversity_weight
     if not (math.isfinite(weight) and weight >= 0):
         raise ValueError(f"--diversity-weight takes a finite number of at least 0, got {quote(weight)}")
+    if config.steps < job.DIVERSITY_STEPS:
+        warnings.warn(f"{config.steps} steps may leave the {args.diversity} optima of a channel alike: MotionNet "
+                      f"conv3's came out distinct from {job.DIVERSITY_STEPS} (docs/diversity.md); raise --steps")
     result = diversity.maximize_diverse(model, params, args.layer, channels, args.diversity, config=config,
                                         weight=weight, key=key, batch_size=args.batch_size,
                                         callback=show, compute_dtype=jnp.dtype(args.dtype))

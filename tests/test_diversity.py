@@ -131,6 +131,7 @@ def test_help_lists_the_flags(capsys):
     out = capsys.readouterr().out
     assert "--diversity N" in out and "--diversity-weight W" in out and "_stage1_div{i}.{media}" in out
     assert "--media {mp4,webm,gif}" in out and "index.html" in out
+    assert "--steps of at least 300" in " ".join(out.split())
 
 
 def test_cli_writes_each_optimum_and_a_page_of_them_side_by_side(tmp_path, capsys):
@@ -141,7 +142,10 @@ def test_cli_writes_each_optimum_and_a_page_of_them_side_by_side(tmp_path, capsy
     assert saved["videos"].shape == (2, 2, 16, 32, 32, 3) and saved["objective"].shape == (2, 2)
     assert saved["cosine"].shape == (2, 2, 2) and float(saved["diversity_weight"]) == 5
     np.testing.assert_array_equal(saved["channels"], [1, 4])
-    assert "motionnet_conv1_stage1_div.npz" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "motionnet_conv1_stage1_div.npz" in printed.out
+    assert ("kv3d maximize: warning: 2 steps may leave the 2 optima of a channel alike: MotionNet conv3's came out "
+            "distinct from 300 (docs/diversity.md); raise --steps") in printed.err
     # MP4 by default, one per optimum, each played on the page in its channel's row with its objective,
     # its share of the best and the channel's largest pairwise cosine.
     page = (tmp_path / "index.html").read_text()

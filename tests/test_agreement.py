@@ -115,6 +115,7 @@ def test_cli_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "is not a `kv3d visualize` run folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_slowfast_run_adds_each_channels_index_and_preferred_tf():
     slowness = {c: 0.1 * (c + 1) for c in STAGE2}
     rows, _ = agreement.layer_agreement(GABOR_MODEL, GABOR_PARAMS, "gabor", STAGE2, slowness=slowness)

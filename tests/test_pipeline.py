@@ -328,6 +328,7 @@ if __name__ == "__main__":
     pipeline.visualize(TINY, TINY_PARAMS, JOB, ["b"], "all", sys.argv[1])
 
 
+@pytest.mark.slow
 def test_a_maco_sweep_stores_and_draws_each_kernels_attribution_map_independently_of_its_batch(tmp_path):
     maco = dataclasses.replace(JOB, parameterization="maco")
     _sweep(tmp_path / "pair", "2,5", job=maco)

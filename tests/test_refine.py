@@ -155,6 +155,7 @@ def test_the_start_reproduces_the_decomposition():
     np.testing.assert_allclose(np.asarray(video), lo + (hi - lo) * np.asarray(dec.reconstruction), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_maco_texture_keeps_the_decompositions_phase_and_takes_the_natural_amplitude():
     dec = _translating(2)
     start = from_decomposition(dec, Config(texture="maco"))

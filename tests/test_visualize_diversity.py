@@ -38,6 +38,7 @@ def _same(a, b) -> bool:
     return np.array_equal(a, b, equal_nan=np.asarray(a).dtype.kind == "f")
 
 
+@pytest.mark.slow
 def test_a_diverse_run_stores_n_optima_per_kernel_and_draws_them_side_by_side(run):
     out, records = run
     expected = {"diverse_video": ((2, *SHAPE, 3), "float16"), "diverse_objective": ((2,), "float32"),
@@ -68,6 +69,7 @@ def test_a_diverse_run_stores_n_optima_per_kernel_and_draws_them_side_by_side(ru
     assert '<option value="diverse_cosine">' in page and "2 diverse optima (2 steps), seed 3" in page
 
 
+@pytest.mark.slow
 def test_a_kernels_diverse_optima_do_not_depend_on_its_batch_mates_nor_change_the_rest_of_its_record(run):
     _, records = run
     alone = pipeline.compute_chunk(TINY, TINY_PARAMS, "b", [1], JOB)[1]
@@ -90,6 +92,7 @@ def _spoiled(channel: int):
     return params
 
 
+@pytest.mark.slow
 def test_a_failed_diverse_run_is_recorded_for_its_kernel_alone(run, monkeypatch, tmp_path):
     _, records = run
     real = diversity.maximize_diverse

@@ -114,7 +114,8 @@ def relative_error(ours: jax.Array, theirs: torch.Tensor) -> float:
     return float(np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max())
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# S3D, the costliest to compare (about 7 s), is left to the full suite.
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n == "s3d" else n for n in CASES])
 def case(request, tmp_path_factory):
     """One zoo model: its PyTorch twin, the converted params and both sides' activations."""
     name = model_name(request.param)
@@ -272,6 +273,7 @@ def test_videogpt_checkpoints_kv3d_cannot_build_are_refused_naming_why(tmp_path,
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+@pytest.mark.slow
 def test_videogpt_strides_come_from_the_checkpoint_not_the_tensor_shapes(tmp_path):
     """Checkpoints of 4x4x4 and 2x4x4 encoders with the same tensors give different models."""
     same = _small_videogpt(tmp_path, SMALL, name="a.ckpt")

@@ -48,9 +48,12 @@ def test_every_stage_sharded_over_any_1d_mesh_equals_one_device():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh
         import kv3d_jax
-        from kv3d_jax import decomposition, distribute, maximization, refinement, zoo
+        from kv3d_jax import decomposition, distribute, maximization, refinement, runner, zoo
 
         assert jax.local_device_count() == 8
+        # Meshes that lower to the same program (a mesh and the same mesh set as the context) read
+        # it back from the worker's cache instead of compiling it again: about 10 s of the test's 65.
+        runner.enable_compilation_cache()
         model, params = zoo.load("motionnet")
         # Every stage with its default randomness (stage 1's jitter, stage 2's start), and the
         # later stages fed the one-device run's results, so each stage is compared on equal input.

@@ -18,9 +18,8 @@ from kv3d_jax import cli, runner
 def _compilation_cache(tmp_path_factory):
     """Each worker keeps every program it compiles in one folder of the test session, which its
     later tests and every ``kv3d`` it starts in another interpreter (``KV3D_CACHE``) read back;
-    never the user's home. Measured on 2 cores (tests/README.md): a fifth of the suite's programs
-    come back from the cache, and the suite takes a ninth less time. ``test_compilation_cache``
-    checks the cache the way a user meets it, one job per interpreter with a folder of its own."""
+    never the user's home (what it saves: tests/README.md). ``test_compilation_cache`` checks the
+    cache the way a user meets it, one job per interpreter with a folder of its own."""
     folder = runner.enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KV3D_CACHE", str(folder))
@@ -68,13 +67,13 @@ class _MadeOnFirstUse(collections.abc.Mapping):
 def c3d_checkpoints(torch_c3d, tmp_path_factory) -> collections.abc.Mapping:
     """``torch_c3d``'s state dict saved by torch.save as ``{"torch-zip": path, "torch-legacy": path}``."""
     folder = tmp_path_factory.mktemp("c3d_checkpoints")
+    names = {"torch-zip": "c3d.pt", "torch-legacy": "c3d.pickle"}
 
     def save(fmt):
-        path = folder / {"torch-zip": "c3d.pt", "torch-legacy": "c3d.pickle"}[fmt]
-        torch.save(torch_c3d.state_dict(), path, _use_new_zipfile_serialization=fmt == "torch-zip")
-        return path
+        torch.save(torch_c3d.state_dict(), folder / names[fmt], _use_new_zipfile_serialization=fmt == "torch-zip")
+        return folder / names[fmt]
 
-    return _MadeOnFirstUse(("torch-zip", "torch-legacy"), save)
+    return _MadeOnFirstUse(names, save)
 
 
 @pytest.fixture(scope="session")

@@ -25,14 +25,13 @@ ARGS = ["visualize", "--layer", "conv1", "--channels", "0-7", "--steps", "2", "-
 KV3D = [sys.executable, "-c", "import sys; from kv3d_jax.cli import main; sys.exit(main())"]
 
 
-def _env(processes: int) -> dict:
-    # One CPU device per process, as on a cluster of CPU hosts. Processes of one run share no
-    # compilation cache, so that each compiles its own programs; a run of one process reads back
-    # what the session's earlier ones compiled.
+def _env() -> dict:
+    # One CPU device per process, as on a cluster of CPU hosts, each reading back the programs the
+    # worker's earlier runs compiled (KV3D_CACHE), as processes on a shared file system do. Only
+    # process 0 writes new ones; with a size limit JAX takes a file lock around every read and
+    # write, so that process 1 never reads an entry that process 0 is still writing.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if processes > 1:
-        env = {k: v for k, v in env.items() if k != "KV3D_CACHE"} | {"JAX_ENABLE_COMPILATION_CACHE": "false"}
-    return {**env, "JAX_PLATFORMS": "cpu"}
+    return {**env, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**40)}
 
 
 def _free_port() -> int:
@@ -44,10 +43,10 @@ def _free_port() -> int:
 def _start(out: Path, processes: int) -> list[subprocess.Popen]:
     """``processes`` kv3d processes of one run into ``out`` (one plain process if 1)."""
     if processes == 1:
-        return [subprocess.Popen(KV3D + ARGS + ["--out", str(out)], env=_env(1), stdout=subprocess.PIPE,
+        return [subprocess.Popen(KV3D + ARGS + ["--out", str(out)], env=_env(), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)]
     where = ["--coordinator", f"localhost:{_free_port()}", "--num-processes", str(processes)]
-    return [subprocess.Popen(KV3D + ARGS + ["--out", str(out)] + where + ["--process-id", str(i)], env=_env(processes),
+    return [subprocess.Popen(KV3D + ARGS + ["--out", str(out)] + where + ["--process-id", str(i)], env=_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
 
 

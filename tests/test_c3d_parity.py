@@ -19,6 +19,8 @@ from kv3d_jax.models.c3d import C3D, init_params
 # c3d-pytorch's conv modules, in forward order.
 CONV_LAYERS = ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
 RELATIVE_TOLERANCE = 1e-4
+# Full-size C3D: writing and converting its 320 MB checkpoints is most of this file's time.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from kv3d_jax.cli import main
 CONV_LAYERS = ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
 
 
+@pytest.mark.slow  # writes and converts full-size C3D checkpoints (320 MB)
 @pytest.mark.parametrize("fmt, described", [("torch-zip", "PyTorch zip archive"),
                                              ("torch-legacy", "legacy PyTorch file")])
 def test_convert_reports_format_tensor_and_parameter_counts(torch_c3d, c3d_params_files, fmt, described):
@@ -31,6 +32,7 @@ def test_layers_prints_the_conv_layers_with_their_channel_counts(torch_c3d, caps
     assert rows == [[name, str(torch_c3d.get_submodule(name).out_channels), "channels"] for name in CONV_LAYERS]
 
 
+@pytest.mark.slow  # converts a full-size C3D checkpoint (320 MB)
 def test_layers_with_params_prints_channel_counts(torch_c3d, c3d_params_files, capsys):
     assert main(["layers", "c3d", str(c3d_params_files["torch-zip"][0])]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]

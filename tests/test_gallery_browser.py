@@ -314,6 +314,7 @@ def big_layer(tmp_path_factory) -> tuple[Path, np.ndarray]:
     return out / "layer.html", objective
 
 
+@pytest.mark.slow
 def test_a_page_of_1024_kernels_paints_fast_loads_only_the_media_in_view_and_sorts_and_filters(big_layer, tmp_path):
     """Opened with a link that sorts by objective and keeps the faster kernels: the first card is the
     best kernel, the filter holds, the first paint comes within 2 s, and of the 4,096 pictures only

@@ -121,7 +121,8 @@ def test_logits_refuses_a_small_clip_in_one_clear_line(deepmind):
 # ---------------------------------------------------------------- piergiaj/pytorch-i3d
 
 
-@pytest.fixture(scope="module", params=[1e-3, pytest.param(1e-5, marks=pytest.mark.slow)], ids=["eps1e-3", "eps1e-5"])
+@pytest.fixture(scope="module", params=[pytest.param(eps, marks=pytest.mark.slow) for eps in (1e-3, 1e-5)],
+                ids=["eps1e-3", "eps1e-5"])
 def piergiaj(request, tmp_path_factory):
     """A random piergiaj ``InceptionI3d`` with BatchNorm eps ``param`` and its state dict in both formats."""
     eps = request.param
@@ -165,6 +166,7 @@ def test_piergiaj_needs_its_own_eps(piergiaj, clip):
     assert relative_error(ours, theirs) > TOLERANCE
 
 
+@pytest.mark.slow
 def test_the_real_weights_run_in_piergiajs_network(deepmind, clip):
     """piergiaj_state (the benchmarks' PyTorch copy of DeepMind's weights) loads strictly into piergiaj's
     network, which then computes kv3d's activations, and converts back to the same params."""

@@ -44,8 +44,8 @@ def layer_responses(params, layer, videos) -> np.ndarray:
 
 
 @pytest.mark.filterwarnings("ignore:the channel objective on c3d conv1 is linear")
-@pytest.mark.parametrize("layer", [pytest.param(layer, marks=pytest.mark.slow) if layer >= "conv3" else layer
-                                   for layer in C3D.layers])
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", C3D.layers)
 def test_optimised_videos_excite_their_own_channel(c3d_params, layer):
     channels = [0, 1]
     # Unrolled chunks of 2 steps and one asked-for batch: the cheapest programs to compile (a

@@ -78,6 +78,7 @@ def test_shipped_checkpoint_is_small():
     assert motionnet.checkpoint_path().stat().st_size <= 1_000_000
 
 
+@pytest.mark.slow
 def test_shipped_model_classifies_fresh_stimuli_at_90_percent():
     model, params = zoo.load("motionnet")
     videos, labels = train_motionnet.motion_clips(np.random.default_rng(TEST_SEED), 240)

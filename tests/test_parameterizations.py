@@ -40,7 +40,8 @@ def test_to_video_gradient_matches_finite_differences():
                 atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("name", ["maco_static_displacement", "maco_static_velocity"])
+@pytest.mark.parametrize("name", [pytest.param("maco_static_displacement", marks=pytest.mark.slow),
+                                  "maco_static_velocity"])
 def test_a_maco_texture_video_gradient_matches_finite_differences(name):
     parameterization = parameterizations.PARAMETERIZATIONS[name]
     param = parameterization.init(jax.random.PRNGKey(5), SHAPE)

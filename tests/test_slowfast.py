@@ -159,6 +159,7 @@ def test_cli_slowfast_rejects_bad_arguments(tmp_path, capsys, extra, message):
     assert err.startswith("kv3d tuning: error:") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_tuning_slowfast_prints_each_tuned_channel_and_the_share(tmp_path, capsys, monkeypatch):
     # The tiny model's layer b has direction-selective channels at these gratings and compiles in a moment.
     monkeypatch.setattr(cli, "_load", lambda model, weights: (TINY, TINY_PARAMS))

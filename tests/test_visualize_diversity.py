@@ -166,6 +166,7 @@ def test_the_setting_is_described_counted_and_checked():
     assert job.Job.create(steps=40).diverse_steps() == 0
 
 
+@pytest.mark.slow
 def test_the_diverse_run_takes_its_own_steps(monkeypatch):
     seen = []
     real = diversity.maximize_diverse
@@ -181,6 +182,7 @@ def test_the_diverse_run_takes_its_own_steps(monkeypatch):
     assert np.all(np.isfinite(records[1]["diverse_objective"]))
 
 
+@pytest.mark.slow
 def test_check_memory_sizes_the_diverse_program_too():
     # The budget that stage 1's batch needs exactly, measured as check_memory measures it.
     config = PLAIN.stage1(TINY, "b")

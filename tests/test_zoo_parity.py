@@ -114,8 +114,13 @@ def relative_error(ours: jax.Array, theirs: torch.Tensor) -> float:
     return float(np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max())
 
 
-# S3D, the costliest to compare (about 7 s), is left to the full suite.
-@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n == "s3d" else n for n in CASES])
+# The quick loop compares one model per checkpoint format that a test elsewhere does not: R3D-18
+# (torchvision's) and VideoGPT's VQ-VAE (Lightning's); I3D-R50's PySlowFast checkpoint is also
+# compared in test_i3d_pytorchvideo. The rest, S3D the costliest (about 7 s), run in the full suite.
+QUICK = ("r3d_18", "videogpt_vqvae")
+
+
+@pytest.fixture(scope="module", params=[n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
 def case(request, tmp_path_factory):
     """One zoo model: its PyTorch twin, the converted params and both sides' activations."""
     name = model_name(request.param)

@@ -135,8 +135,9 @@ def test_preset_names_unknown_settings():
 
 
 @pytest.mark.slow
-def test_cli_writes_a_gif_per_kernel_and_an_npz(c3d_params_files, tmp_path, capsys):
-    params_file = c3d_params_files["torch-zip"][0]
+def test_cli_writes_a_gif_per_kernel_and_an_npz(c3d_params, tmp_path, capsys):
+    # C3D's params saved directly: converting its checkpoint is test_c3d_parity's and test_cli_convert's.
+    params_file = params_io.save(tmp_path / "c3d.msgpack", c3d_params, model="c3d")
     argv = ["maximize", "--model", "c3d", "--weights", str(params_file), "--layer", "conv1",
             "--channels", "3,7", "--out", str(tmp_path), "--preset", "native", "--steps", "2", "--rectify"]
     assert main(argv) == 0

@@ -28,6 +28,12 @@ def c3d_params():
     return jax.jit(c3d.init_params)(jax.random.PRNGKey(0))
 
 
+@pytest.fixture(scope="module")
+def c3d_shapes():
+    """C3D's params as shapes and dtypes only (traced once, nothing computed)."""
+    return jax.eval_shape(c3d.init_params, jax.random.PRNGKey(0))
+
+
 @pytest.mark.slow
 def test_weighted_objective_with_one_hot_weights_is_the_channel_objective(c3d_params):
     by_channel = maximize(C3D, c3d_params, "conv2", [0, 1], config=preset(SMALL_PRESET, steps=3))
@@ -120,13 +126,12 @@ def test_random_jitter_draws_every_allowed_value():
      "weights must have shape \\(K, 64\\)"),
     (dict(key=jax.random.split(jax.random.PRNGKey(0), 3)), "keys of shape \\(3, 2\\) for 1 kernels"),
 ])
-def test_bad_arguments_are_named(kwargs, message):
+def test_bad_arguments_are_named(c3d_shapes, kwargs, message):
     weighted = isinstance(kwargs.get("config"), type(SMALL_PRESET)) and kwargs["config"].objective == "weighted"
     args = dict(layer="conv1", channels=None if weighted else [0], config=preset(SMALL_PRESET, steps=1))
     # Each is refused before a number is computed: C3D's params need only their shapes.
-    params = jax.eval_shape(c3d.init_params, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=message):
-        maximize(C3D, params, **{**args, **kwargs})
+        maximize(C3D, c3d_shapes, **{**args, **kwargs})
 
 
 def test_preset_names_unknown_settings():
@@ -159,9 +164,9 @@ def test_cli_without_weights_says_how_to_make_them(tmp_path, capsys):
     assert "--weights" in err and "kv3d convert c3d CHECKPOINT -o PARAMS" in err
 
 
-def test_cli_rejects_bad_channels(tmp_path, capsys):
+def test_cli_rejects_bad_channels(c3d_shapes, tmp_path, capsys):
     # A params file of C3D's shapes, zeros saved directly: converting a checkpoint is not what is tested.
-    zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), jax.eval_shape(c3d.init_params, jax.random.PRNGKey(0)))
+    zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), c3d_shapes)
     params_file = str(params_io.save(tmp_path / "c3d.msgpack", zeros, model="c3d"))
     assert main(["maximize", "--model", "c3d", "--weights", params_file, "--layer", "conv1", "--channels", "60-70",
                  "--out", str(tmp_path)]) == 2

@@ -134,7 +134,7 @@ def _pair():
 
 @pytest.mark.slow
 def test_progress_is_reported_after_each_chunk():
-    # That chunking changes no result: test_independence.test_chunking_does_not_change_the_result.
+    # That the chunks key every step alike: test_independence.test_every_step_is_keyed_by_its_number_in_any_chunks.
     videos = _pair()
     calls = []
     decompose(videos, config=Config(steps=5, chunk=2), callback=lambda *call: calls.append(call))

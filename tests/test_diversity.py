@@ -15,7 +15,7 @@ from kv3d_jax.cli import main
 from tiny_model import tiny
 
 SHAPE = (4, 12, 12)
-# Two-step unrolled chunks: the cheapest programs to compile (chunking changes no result).
+# Two-step unrolled chunks: the cheapest programs to compile (the chunk length changes rounding only).
 CONFIG = maximization.preset("native", steps=4, chunk=2, max_shift=(2, 2, 1))
 
 

@@ -1,7 +1,9 @@
 """A kernel's result depends on its key and its target only: not on the kernels that share its
-batch, nor on how many steps each compiled chunk runs. One parameterised test per property, over
-every stage that optimises (the runner's three users); each check is shown to fail when the key
-derivation follows the batch position instead of the kernel's id."""
+batch, and not on how many steps each compiled chunk runs beyond rounding (every step is keyed by
+its number; programs unrolled over different numbers of steps round differently, README "How it
+is built"). One parameterised test per property, over every stage that optimises (the runner's
+three users); the batch check is shown to fail when the key derivation follows the batch position
+instead of the kernel's id."""
 
 from __future__ import annotations
 
@@ -136,8 +138,9 @@ def test_a_kernels_result_does_not_depend_on_its_batch(stage, keys, together):
 
 # Refine from noise steps as refine does: only its start differs, and the start is not chunked.
 @pytest.mark.parametrize("stage", _stages(["maximize", "decompose", "refine"]))
-def test_chunking_does_not_change_the_result(stage, together):
-    # Chunks of 2 and 1 against three of 1.
+def test_every_step_is_keyed_by_its_number_in_any_chunks(stage, together):
+    # Chunks of 2 and 1 against three of 1: equal to 1e-5 at 3 steps, where a step keyed by its
+    # place in the chunk would draw another jitter.
     _assert_same(_together(together, stage, "one"), _run(stage, [0, 1], chunk=1), "chunks of 1")
 
 

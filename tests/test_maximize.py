@@ -55,7 +55,7 @@ def layer_responses(params, layer, videos) -> np.ndarray:
 def test_optimised_videos_excite_their_own_channel(c3d_params, layer):
     channels = [0, 1]
     # Unrolled chunks of 2 steps and one asked-for batch: the cheapest programs to compile (a
-    # 10-step C3D chunk took 3 times as long); chunking changes no result (test_independence).
+    # 10-step C3D chunk took 3 times as long); the chunk length changes rounding only (test_independence).
     result = maximize(C3D, c3d_params, layer, channels, config=preset(SMALL_PRESET, steps=20, chunk=2), batch_size=2)
     # Random videos: the starting distribution, min–max normalised like the results.
     init = parameterizations.get("pixel").init

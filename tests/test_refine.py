@@ -245,7 +245,7 @@ def test_bad_arguments_are_named(kwargs, message):
 
 # Every layer (at 8x32x32, 4 channels, 100 steps) is measured by hand for the record, two here.
 # Compiling is most of the cost: the optimisers run in unrolled chunks of 2 steps (a 10-step C3D
-# chunk took 9.0 CPU s to compile, 2 steps 2.8 s; chunking changes no result, test_independence),
+# chunk took 9.0 CPU s to compile, 2 steps 2.8 s; the chunk length changes rounding only, test_independence),
 # and one batch of both channels is asked for, which spares the compiles that size a batch.
 @pytest.mark.slow
 @pytest.mark.parametrize("layer", ["conv2", "conv3b"])

@@ -1,8 +1,8 @@
 """Measures the dominant-motion read-out (``motion.translation``) on drifting gratings (docs/readout.md).
 
 Gratings of 16 x 64 x 64 px (``stimuli.drifting_grating``) every 15 degrees, at spatial frequencies
-0.05-0.25 cycles/px and 0.5, 1 and 2 px/frame (those below 0.4 cycles/frame, where a speed is not
-ambiguous), and smooth textures translating every 30 degrees at 0.5-3 px/frame: the direction
+0.05-0.25 cycles/px and 0.5, 1 and 2 px/frame (those below ``motion.ALIAS_FREQUENCY``, 0.4
+cycles/frame, where a speed is not ambiguous), and smooth textures translating every 30 degrees at 0.5-3 px/frame: the direction
 error (degrees) and the speed ratio of each, as JSON. A grating's frames constrain only the motion
 across its stripes, so its true motion is its normal velocity, the one ``drifting_grating`` is
 given.
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kv3d_jax import motion
+from kv3d_jax.tuning import angular_difference
 from kv3d_jax.stimuli import drifting_grating, translating_texture, velocity_from_direction
 
 SPATIAL_FREQS = (0.05, 0.1, 0.15, 0.2, 0.25)
@@ -29,7 +30,7 @@ SPEEDS = (0.5, 1.0, 2.0)
 def _errors(estimates: np.ndarray, directions, speeds) -> tuple[np.ndarray, np.ndarray]:
     """Angular errors (degrees) and speed ratios of ``estimates`` ``(N, 2)`` against the truth."""
     got = np.asarray(motion.direction_deg(estimates[:, 0], estimates[:, 1]))
-    return np.abs((got - np.asarray(directions) + 180.0) % 360.0 - 180.0), np.linalg.norm(estimates, axis=1) / speeds
+    return angular_difference(got, np.asarray(directions)), np.linalg.norm(estimates, axis=1) / speeds
 
 
 def _summary(error: np.ndarray, ratio: np.ndarray) -> dict:
@@ -41,7 +42,8 @@ def _summary(error: np.ndarray, ratio: np.ndarray) -> dict:
 
 def main() -> None:
     translation = jax.jit(motion.translation)
-    gratings = [(d, f, s) for d, f, s in itertools.product(range(0, 360, 15), SPATIAL_FREQS, SPEEDS) if f * s < 0.4]
+    gratings = [(d, f, s) for d, f, s in itertools.product(range(0, 360, 15), SPATIAL_FREQS, SPEEDS)
+                if f * s < motion.ALIAS_FREQUENCY]
     estimates = np.stack([np.asarray(translation(drifting_grating(16, 64, 64, d, f, f * s))) for d, f, s in gratings])
     error, ratio = _errors(estimates, [d for d, _, _ in gratings], np.array([s for _, _, s in gratings]))
     freqs = np.array([f for _, f, _ in gratings])
